@@ -1,0 +1,1029 @@
+//! The [`Scheduler`]: the library's front door. It validates requests, finds the shard a
+//! request belongs to, runs one [`ShardState`] operation under that shard's lock, and then —
+//! with the lock released — waits for the store, tells the backend what to do, arms timers and
+//! wakes connection watchers.
+//!
+//! Shared state and lock order:
+//! - `apps` (dashmap: app id → [`App`]) is only read to find an app; guards are dropped at once.
+//! - Each shard has a std `Mutex<ShardState>`: placement is a read-modify-write across the
+//!   shard's processes, so it needs one lock per (app, region), never held across `.await`
+//!   (the critical sections are short and do no I/O, so a blocking mutex is right).
+//! - While a shard lock is held, the code may take, briefly, a guard of the app's `rooms` map,
+//!   the `process_locations` map, or a read lock of the app's deployments — never the other
+//!   way round, and never another shard's lock.
+//! - `retention` is taken alone.
+//!
+//! Backend reports and timers arrive on one channel and are applied by one task, in order.
+
+use super::clock::{Clock, SystemClock};
+use super::error::{Error, Result};
+use super::shard::{Ctx, Effect, Limits, ShardState, Txn};
+use super::types::*;
+use super::validate;
+use crate::backend::{
+    Backend, ProcessEvent, ProcessEventKind, ProcessEvents, Simulated, StartSpec,
+};
+use crate::store::{Commit, MemoryStore, Record, Store};
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+
+/// The 14 Hathora region names, the default region set.
+pub const DEFAULT_REGIONS: [&str; 14] = [
+    "Seattle",
+    "Los_Angeles",
+    "Washington_DC",
+    "Chicago",
+    "London",
+    "Frankfurt",
+    "Mumbai",
+    "Singapore",
+    "Tokyo",
+    "Sydney",
+    "Sao_Paulo",
+    "Dallas",
+    "Johannesburg",
+    "Dubai",
+];
+
+/// Default page size of `list_processes`, and its cap.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// The room scheduler. Cheap to clone; all clones share one state.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Scheduler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scheduler")
+            .field("regions", &self.inner.regions)
+            .field("backend", &self.inner.backend.name())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    regions: Vec<String>,
+    limits: Limits,
+    retained_destroyed_rooms: usize,
+    clock: Arc<dyn Clock>,
+    backend: Arc<dyn Backend>,
+    store: Arc<dyn Store>,
+    apps: DashMap<String, Arc<App>>,
+    /// process id → where it lives (its app and region index).
+    process_locations: DashMap<ProcessId, (Arc<App>, usize)>,
+    /// Destroyed rooms, oldest first; past `retained_destroyed_rooms` the oldest are forgotten.
+    retention: Mutex<VecDeque<(Arc<App>, usize, String)>>,
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    closing: watch::Sender<bool>,
+}
+
+/// One app: its deployments, the index of its room ids, and one shard per configured region.
+struct App {
+    app_id: String,
+    /// Oldest first; `deployment_id` = position + 1.
+    deployments: RwLock<Vec<Arc<Deployment>>>,
+    /// room id → region index, for every live or retained room of the app. Ids are unique
+    /// within an app across regions; an entry is inserted under the room's shard lock.
+    rooms: DashMap<String, usize>,
+    shards: Box<[OnceLock<Arc<Shard>>]>,
+}
+
+struct Shard {
+    state: Mutex<ShardState>,
+    /// Bumped after every change a connection watcher may care about.
+    changes: watch::Sender<u64>,
+}
+
+impl Shard {
+    fn lock(&self) -> MutexGuard<'_, ShardState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl App {
+    fn shard(&self, region: usize) -> &Arc<Shard> {
+        self.shards[region].get_or_init(|| {
+            Arc::new(Shard {
+                state: Mutex::default(),
+                changes: watch::Sender::new(0),
+            })
+        })
+    }
+
+    fn existing_shard(&self, region: usize) -> Option<&Arc<Shard>> {
+        self.shards[region].get()
+    }
+
+    fn latest(&self) -> Result<Arc<Deployment>> {
+        let deps = self.deployments.read().unwrap_or_else(|e| e.into_inner());
+        deps.last()
+            .cloned()
+            .ok_or_else(|| no_deployment(&self.app_id))
+    }
+
+    fn deployment(&self, id: u32) -> Result<Arc<Deployment>> {
+        let deps = self.deployments.read().unwrap_or_else(|e| e.into_inner());
+        id.checked_sub(1)
+            .and_then(|i| deps.get(i as usize))
+            .cloned()
+            .ok_or_else(|| {
+                Error::NotFound(format!("deployment {id} of app {} not found", self.app_id))
+            })
+    }
+
+    /// The requested deployment, or the latest for `None`.
+    fn target_deployment(&self, id: Option<u32>) -> Result<Arc<Deployment>> {
+        match id {
+            Some(id) => self.deployment(id),
+            None => self.latest(),
+        }
+    }
+}
+
+fn no_deployment(app_id: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "app {app_id} has no deployment; create one first (CreateDeployment, or `roomsched deployment create`)"
+    ))
+}
+
+fn room_not_found(room_id: &str) -> Error {
+    Error::NotFound(format!("room {room_id:?} not found"))
+}
+
+fn process_not_found(pid: ProcessId) -> Error {
+    Error::NotFound(format!("process {pid} not found"))
+}
+
+/// 13 lowercase base-36 characters.
+fn generate_room_id() -> String {
+    const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    (0..13)
+        .map(|_| ALPHABET[rand::random_range(0..36)] as char)
+        .collect()
+}
+
+/// Configures and builds a [`Scheduler`].
+pub struct SchedulerBuilder {
+    regions: Vec<String>,
+    backend: Option<Arc<dyn Backend>>,
+    store: Option<Arc<dyn Store>>,
+    clock: Option<Arc<dyn Clock>>,
+    limits: Limits,
+    retained_destroyed_rooms: usize,
+}
+
+impl Default for SchedulerBuilder {
+    fn default() -> Self {
+        SchedulerBuilder {
+            regions: DEFAULT_REGIONS.iter().map(|s| s.to_string()).collect(),
+            backend: None,
+            store: None,
+            clock: None,
+            limits: Limits {
+                max_processes: 1000,
+                idle_timeout: Duration::from_secs(300),
+                stop_grace: Duration::from_secs(10),
+                start_timeout: Duration::from_secs(100),
+            },
+            retained_destroyed_rooms: 100_000,
+        }
+    }
+}
+
+impl SchedulerBuilder {
+    /// The configured region names (default: the 14 Hathora regions).
+    pub fn regions<I, S>(mut self, regions: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.regions = regions.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// What starts processes (default: [`Simulated`] with its defaults).
+    pub fn backend(mut self, backend: impl Backend) -> Self {
+        self.backend = Some(Arc::new(backend));
+        self
+    }
+
+    /// Like [`Self::backend`], keeping a handle to the backend.
+    pub fn backend_arc(mut self, backend: Arc<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Where changes are persisted (default: [`MemoryStore`]).
+    pub fn store(mut self, store: impl Store) -> Self {
+        self.store = Some(Arc::new(store));
+        self
+    }
+
+    /// Where timestamps come from (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// A STARTING process that has not bound its port by then fails (default 100 s).
+    pub fn start_timeout(mut self, d: Duration) -> Self {
+        self.limits.start_timeout = d;
+        self
+    }
+
+    /// A RUNNING process with no room for this long is stopped, if its deployment enables
+    /// the idle timeout (default 300 s).
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.limits.idle_timeout = d;
+        self
+    }
+
+    /// Between SIGTERM and SIGKILL when a process is stopped (default 10 s).
+    pub fn stop_grace(mut self, d: Duration) -> Self {
+        self.limits.stop_grace = d;
+        self
+    }
+
+    /// Live processes (STARTING, RUNNING, DRAINING) allowed per app and region (default 1000).
+    pub fn max_processes(mut self, n: u32) -> Self {
+        self.limits.max_processes = n;
+        self
+    }
+
+    /// How many destroyed rooms stay readable, server-wide (default 100,000).
+    pub fn retained_destroyed_rooms(mut self, n: usize) -> Self {
+        self.retained_destroyed_rooms = n;
+        self
+    }
+
+    /// Builds the scheduler. Must be called within a Tokio runtime: it spawns the task that
+    /// applies process events and timers.
+    pub fn build(self) -> Result<Scheduler> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::FailedPrecondition("Scheduler::build must run inside a Tokio runtime".into())
+        })?;
+        if self.regions.is_empty() {
+            return Err(Error::invalid(
+                "regions",
+                "at least one region must be configured",
+            ));
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            validate::app_id(r).map_err(|_| {
+                Error::invalid(
+                    "regions",
+                    format!("{r:?} must match ^[A-Za-z0-9_-]{{1,100}}$"),
+                )
+            })?;
+            if self.regions[..i].contains(r) {
+                return Err(Error::invalid("regions", format!("{r:?} appears twice")));
+            }
+        }
+        let (events, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            regions: self.regions,
+            limits: self.limits,
+            retained_destroyed_rooms: self.retained_destroyed_rooms,
+            clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+            backend: self
+                .backend
+                .unwrap_or_else(|| Arc::new(Simulated::default())),
+            store: self.store.unwrap_or_else(|| Arc::new(MemoryStore)),
+            apps: DashMap::new(),
+            process_locations: DashMap::new(),
+            retention: Mutex::default(),
+            events,
+            closing: watch::Sender::new(false),
+        });
+        runtime.spawn(event_loop(Arc::downgrade(&inner), rx));
+        Ok(Scheduler { inner })
+    }
+}
+
+/// Applies backend reports and timer firings, one at a time, until the scheduler is dropped.
+async fn event_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<ProcessEvent>) {
+    while let Some(event) = rx.recv().await {
+        let Some(inner) = inner.upgrade() else { return };
+        let scheduler = Scheduler { inner };
+        if let Err(err) = scheduler.apply_event(event).await {
+            tracing::error!(%err, "could not apply a process event");
+        }
+    }
+}
+
+impl Scheduler {
+    pub fn builder() -> SchedulerBuilder {
+        SchedulerBuilder::default()
+    }
+
+    /// The configured regions.
+    pub fn regions(&self) -> &[String] {
+        &self.inner.regions
+    }
+
+    /// Refuses further changes with UNAVAILABLE and ends connection watches. Reads still work.
+    pub fn shutdown(&self) {
+        self.inner.closing.send_replace(true);
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if *self.inner.closing.borrow() {
+            return Err(Error::Unavailable("roomsched is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    // ----- plumbing --------------------------------------------------------------------
+
+    fn app(&self, app_id: &str) -> Result<Arc<App>> {
+        validate::app_id(app_id)?;
+        self.inner
+            .apps
+            .get(app_id)
+            .map(|a| Arc::clone(a.value()))
+            .ok_or_else(|| no_deployment(app_id))
+    }
+
+    /// The app and region of a room of `app_id`.
+    fn locate_room(&self, app_id: &str, room_id: &str) -> Result<(Arc<App>, usize)> {
+        validate::app_id(app_id)?;
+        validate::room_id(room_id)?;
+        let app = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value()));
+        let app = app.ok_or_else(|| room_not_found(room_id))?;
+        let region = app
+            .rooms
+            .get(room_id)
+            .map(|r| *r.value())
+            .ok_or_else(|| room_not_found(room_id))?;
+        Ok((app, region))
+    }
+
+    /// The app and region of a process of `app_id`.
+    fn locate_process(&self, app_id: &str, pid: ProcessId) -> Result<(Arc<App>, usize)> {
+        validate::app_id(app_id)?;
+        let loc = self
+            .inner
+            .process_locations
+            .get(&pid)
+            .map(|l| (Arc::clone(&l.0), l.1));
+        match loc {
+            Some((app, region)) if app.app_id == app_id => Ok((app, region)),
+            _ => Err(process_not_found(pid)),
+        }
+    }
+
+    fn ctx<'a>(&'a self, app: &'a App, region: usize) -> Ctx<'a> {
+        Ctx {
+            app_id: &app.app_id,
+            region: &self.inner.regions[region],
+            now: self.inner.clock.now(),
+            instant: tokio::time::Instant::now(),
+            limits: &self.inner.limits,
+        }
+    }
+
+    /// Reads a shard under its lock.
+    fn read<T>(&self, app: &App, region: usize, f: impl FnOnce(&ShardState) -> T) -> T {
+        f(&app.shard(region).lock())
+    }
+
+    /// Runs one change on a shard under its lock, then (unlocked) persists it and acts on it.
+    async fn change<T>(
+        &self,
+        app: &Arc<App>,
+        region: usize,
+        f: impl FnOnce(&mut ShardState, &Ctx<'_>, &mut Txn) -> Result<T>,
+    ) -> Result<T> {
+        let shard = app.shard(region);
+        let mut txn = Txn::new(self.inner.store.wants_records());
+        let (out, commit) = {
+            let mut state = shard.lock();
+            let out = f(&mut state, &self.ctx(app, region), &mut txn);
+            for effect in &txn.effects {
+                if let Effect::Start { process_id, .. } = effect {
+                    self.inner
+                        .process_locations
+                        .insert(*process_id, (Arc::clone(app), region));
+                }
+            }
+            (out, self.append(&mut txn))
+        };
+        self.finish(app, region, txn, commit).await?;
+        out
+    }
+
+    fn append(&self, txn: &mut Txn) -> Option<Commit> {
+        match txn.records.take() {
+            Some(records) if !records.is_empty() => Some(self.inner.store.append(records)),
+            _ => None,
+        }
+    }
+
+    /// After a change: wait until it is durable, then carry out its effects.
+    async fn finish(
+        &self,
+        app: &Arc<App>,
+        region: usize,
+        txn: Txn,
+        commit: Option<Commit>,
+    ) -> Result<()> {
+        if let Some(commit) = commit {
+            commit
+                .wait()
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+        }
+        if txn.notify {
+            if let Some(shard) = app.existing_shard(region) {
+                shard.changes.send_modify(|v| *v = v.wrapping_add(1));
+            }
+        }
+        for effect in txn.effects {
+            self.carry_out(app, region, effect);
+        }
+        if !txn.destroyed.is_empty() {
+            self.retain(app, region, txn.destroyed).await;
+        }
+        Ok(())
+    }
+
+    fn carry_out(&self, app: &Arc<App>, region: usize, effect: Effect) {
+        let inner = &self.inner;
+        match effect {
+            Effect::Start {
+                process_id,
+                deployment,
+                initial_room,
+            } => {
+                let spec = StartSpec {
+                    process_id,
+                    app_id: app.app_id.clone(),
+                    region: inner.regions[region].clone(),
+                    deployment,
+                    initial_room,
+                    events: ProcessEvents(inner.events.clone()),
+                };
+                if let Err(err) = inner.backend.start(spec) {
+                    let kind = ProcessEventKind::LaunchFailed(err.0);
+                    let _ = inner.events.send(ProcessEvent { process_id, kind });
+                }
+            }
+            Effect::Stop { process_id, grace } => inner.backend.stop(process_id, grace),
+            Effect::StartTimer {
+                process_id,
+                deadline,
+            } => self.timer(process_id, deadline, ProcessEventKind::StartTimeout),
+            Effect::IdleTimer {
+                process_id,
+                deadline,
+            } => self.timer(process_id, deadline, ProcessEventKind::IdleCheck),
+        }
+    }
+
+    fn timer(&self, process_id: ProcessId, deadline: tokio::time::Instant, kind: ProcessEventKind) {
+        let events = self.inner.events.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(deadline).await;
+            let _ = events.send(ProcessEvent { process_id, kind });
+        });
+    }
+
+    /// Destroyed rooms enter the retention window; the oldest beyond it are forgotten.
+    async fn retain(&self, app: &Arc<App>, region: usize, destroyed: Vec<String>) {
+        let evicted: Vec<(Arc<App>, usize, String)> = {
+            let mut queue = self
+                .inner
+                .retention
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            queue.extend(
+                destroyed
+                    .into_iter()
+                    .map(|id| (Arc::clone(app), region, id)),
+            );
+            let excess = queue
+                .len()
+                .saturating_sub(self.inner.retained_destroyed_rooms);
+            queue.drain(..excess).collect()
+        };
+        for (app, region, room_id) in evicted {
+            let commit = {
+                let mut state = app.shard(region).lock();
+                if !state.forget_room(&room_id) {
+                    continue;
+                }
+                app.rooms.remove(&room_id);
+                let mut txn = Txn::new(self.inner.store.wants_records());
+                if let Some(records) = txn.records.as_mut() {
+                    records.push(Record::RoomForgotten {
+                        app_id: app.app_id.clone(),
+                        room_id,
+                    });
+                }
+                self.append(&mut txn)
+            };
+            if let Some(commit) = commit {
+                if let Err(err) = commit.wait().await {
+                    tracing::warn!(%err, "could not persist the eviction of a destroyed room");
+                }
+            }
+        }
+    }
+
+    async fn apply_event(&self, event: ProcessEvent) -> Result<()> {
+        let pid = event.process_id;
+        let Some((app, region)) = self
+            .inner
+            .process_locations
+            .get(&pid)
+            .map(|l| (Arc::clone(&l.0), l.1))
+        else {
+            return Ok(()); // not ours (e.g. a report after a restart)
+        };
+        self.change(&app, region, |state, ctx, txn| {
+            match event.kind {
+                ProcessEventKind::Bound {
+                    exposed_port,
+                    additional_exposed_ports,
+                } => state.on_bound(ctx, pid, exposed_port, additional_exposed_ports, txn),
+                ProcessEventKind::Exited(status) => state.on_exit(ctx, pid, status, txn),
+                ProcessEventKind::LaunchFailed(err) => state.on_launch_failed(ctx, pid, &err, txn),
+                ProcessEventKind::StartTimeout => state.on_start_timeout(ctx, pid, txn),
+                ProcessEventKind::IdleCheck => state.on_idle_timer(ctx, pid, txn),
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // ----- deployments -----------------------------------------------------------------
+
+    /// Creates the app's next deployment; it becomes the latest, and live processes of older
+    /// deployments of the app start draining. Creates the app if it is new.
+    pub async fn create_deployment(
+        &self,
+        app_id: &str,
+        spec: DeploymentSpec,
+    ) -> Result<Deployment> {
+        validate::app_id(app_id)?;
+        let container_port = validate::deployment(&spec)?;
+        self.check_open()?;
+        let app = Arc::clone(
+            self.inner
+                .apps
+                .entry(app_id.to_string())
+                .or_insert_with(|| {
+                    Arc::new(App {
+                        app_id: app_id.to_string(),
+                        deployments: RwLock::default(),
+                        rooms: DashMap::new(),
+                        shards: (0..self.inner.regions.len())
+                            .map(|_| OnceLock::new())
+                            .collect(),
+                    })
+                })
+                .value(),
+        );
+        let (deployment, commit) = {
+            let mut deps = app.deployments.write().unwrap_or_else(|e| e.into_inner());
+            let deployment = Deployment {
+                app_id: app_id.to_string(),
+                deployment_id: deps.len() as u32 + 1,
+                rooms_per_process: spec.rooms_per_process,
+                transport_type: spec.transport_type,
+                container_port,
+                additional_container_ports: spec.additional_container_ports,
+                idle_timeout_enabled: spec.idle_timeout_enabled,
+                env: spec.env,
+                command: spec.command,
+                placement_strategy: spec.placement_strategy,
+                created_at: self.inner.clock.now(),
+            };
+            deps.push(Arc::new(deployment.clone()));
+            let mut txn = Txn::new(self.inner.store.wants_records());
+            if let Some(records) = txn.records.as_mut() {
+                records.push(Record::Deployment(deployment.clone()));
+            }
+            (deployment, self.append(&mut txn))
+        };
+        if let Some(commit) = commit {
+            commit
+                .wait()
+                .await
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
+        }
+        tracing::info!(
+            app_id,
+            deployment_id = deployment.deployment_id,
+            "deployment created"
+        );
+        for region in 0..self.inner.regions.len() {
+            if app.existing_shard(region).is_some() {
+                let latest = deployment.deployment_id;
+                self.change(&app, region, |state, ctx, txn| {
+                    state.drain_older(ctx, latest, txn);
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        Ok(deployment)
+    }
+
+    pub async fn get_deployment(&self, app_id: &str, deployment_id: u32) -> Result<Deployment> {
+        let app = self.app(app_id).map_err(|e| match e {
+            Error::FailedPrecondition(_) => Error::NotFound(format!(
+                "deployment {deployment_id} of app {app_id} not found"
+            )),
+            e => e,
+        })?;
+        Ok(app.deployment(deployment_id)?.as_ref().clone())
+    }
+
+    pub async fn latest_deployment(&self, app_id: &str) -> Result<Deployment> {
+        let app = self.app(app_id).map_err(not_found_if_no_app)?;
+        Ok(app.latest().map_err(not_found_if_no_app)?.as_ref().clone())
+    }
+
+    /// Newest first.
+    pub async fn list_deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
+        validate::app_id(app_id)?;
+        let Some(app) = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value())) else {
+            return Ok(vec![]);
+        };
+        let deps = app.deployments.read().unwrap_or_else(|e| e.into_inner());
+        Ok(deps.iter().rev().map(|d| d.as_ref().clone()).collect())
+    }
+
+    // ----- rooms -----------------------------------------------------------------------
+
+    /// Places a room (SPEC §5). With the `room_id` of a live room and the same region and
+    /// config, returns the existing placement (a safe retry).
+    pub async fn create_room(&self, req: CreateRoom) -> Result<RoomPlacement> {
+        validate::app_id(&req.app_id)?;
+        let region = validate::region(&self.inner.regions, &req.region)?;
+        validate::room_config(&req.room_config)?;
+        let requested_id = req.room_id.filter(|id| !id.is_empty());
+        if let Some(id) = &requested_id {
+            validate::room_id(id)?;
+        }
+        let requested_deployment = req.deployment_id.filter(|d| *d != 0);
+        self.check_open()?;
+        let app = self.app(&req.app_id)?;
+        app.target_deployment(requested_deployment)?;
+        let config = req.room_config;
+        let app2 = Arc::clone(&app);
+        self.change(&app, region, move |state, ctx, txn| {
+            // Read the target deployment under the shard lock: a deployment created meanwhile
+            // drains this shard only after we release it, so nothing placed here escapes.
+            let dep = app2.target_deployment(requested_deployment)?;
+            loop {
+                let room_id = requested_id.clone().unwrap_or_else(generate_room_id);
+                match app2.rooms.entry(room_id) {
+                    Entry::Occupied(existing) => {
+                        let Some(id) = &requested_id else { continue }; // generated id collided
+                        if *existing.get() != region {
+                            return Err(Error::AlreadyExists(format!(
+                                "room {id:?} already exists in region {}",
+                                self.inner.regions[*existing.get()]
+                            )));
+                        }
+                        match state.room_config_matches(id, &config) {
+                            Some((false, true)) => return placement(state, id),
+                            Some((true, _)) => {
+                                return Err(Error::AlreadyExists(format!(
+                                    "room {id:?} was already used and destroyed"
+                                )))
+                            }
+                            Some((false, false)) => {
+                                return Err(Error::AlreadyExists(format!(
+                                    "room {id:?} already exists with a different room_config"
+                                )))
+                            }
+                            None => return Err(Error::Internal(format!("room {id:?} is indexed but missing"))),
+                        }
+                    }
+                    Entry::Vacant(slot) => {
+                        let pid = state.create_room(ctx, &dep, slot.key(), config, txn)?;
+                        let id = slot.key().clone();
+                        slot.insert(region);
+                        tracing::debug!(app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
+                        return placement(state, &id);
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// A room, live or destroyed (destroyed rooms are kept for a bounded retention).
+    pub async fn get_room(&self, app_id: &str, room_id: &str) -> Result<Room> {
+        let (app, region) = self.locate_room(app_id, room_id)?;
+        self.read(&app, region, |s| s.room(&app.app_id, room_id))
+            .ok_or_else(|| room_not_found(room_id))
+    }
+
+    /// Destroys a live room and frees its slot; NOT_FOUND if unknown or already destroyed.
+    pub async fn destroy_room(&self, app_id: &str, room_id: &str) -> Result<()> {
+        let (app, region) = self.locate_room(app_id, room_id)?;
+        self.check_open()?;
+        self.change(&app, region, |state, ctx, txn| {
+            state.destroy_room(ctx, room_id, txn)
+        })
+        .await
+    }
+
+    pub async fn update_room_config(
+        &self,
+        app_id: &str,
+        room_id: &str,
+        room_config: String,
+    ) -> Result<Room> {
+        validate::room_config(&room_config)?;
+        let (app, region) = self.locate_room(app_id, room_id)?;
+        self.check_open()?;
+        self.change(&app, region, |state, ctx, txn| {
+            state.update_room_config(ctx, room_id, room_config, txn)
+        })
+        .await
+    }
+
+    /// Where players of a live room connect; STARTING until its process is RUNNING.
+    pub async fn connection_info(&self, app_id: &str, room_id: &str) -> Result<ConnectionInfo> {
+        let (app, region) = self.locate_room(app_id, room_id)?;
+        self.read(&app, region, |s| s.connection_info(room_id))
+    }
+
+    /// Follows a room's connection info: the current value, then every change, ending when
+    /// the room is ACTIVE or destroyed (or the scheduler shuts down).
+    pub async fn watch_connection_info(
+        &self,
+        app_id: &str,
+        room_id: &str,
+    ) -> Result<ConnectionWatch> {
+        let (app, region) = self.locate_room(app_id, room_id)?;
+        let changes = app.shard(region).changes.subscribe();
+        self.read(&app, region, |s| s.connection_info(room_id))?;
+        Ok(ConnectionWatch {
+            scheduler: self.clone(),
+            app,
+            region,
+            room_id: room_id.to_string(),
+            changes,
+            closing: self.inner.closing.subscribe(),
+            last: None,
+            done: false,
+        })
+    }
+
+    /// The rooms now on a process, in the order they were placed.
+    pub async fn list_active_rooms(
+        &self,
+        app_id: &str,
+        process_id: ProcessId,
+    ) -> Result<Vec<Room>> {
+        let (app, region) = self.locate_process(app_id, process_id)?;
+        self.read(&app, region, |s| s.active_rooms(&app.app_id, process_id))
+            .ok_or_else(|| process_not_found(process_id))
+    }
+
+    /// Rooms that were on a process and left (within the retention window), oldest first.
+    pub async fn list_inactive_rooms(
+        &self,
+        app_id: &str,
+        process_id: ProcessId,
+    ) -> Result<Vec<Room>> {
+        let (app, region) = self.locate_process(app_id, process_id)?;
+        self.read(&app, region, |s| s.inactive_rooms(&app.app_id, process_id))
+            .ok_or_else(|| process_not_found(process_id))
+    }
+
+    // ----- processes -------------------------------------------------------------------
+
+    /// Starts an empty process of the requested (or latest) deployment.
+    pub async fn create_process(
+        &self,
+        app_id: &str,
+        region: &str,
+        deployment_id: Option<u32>,
+    ) -> Result<Process> {
+        validate::app_id(app_id)?;
+        let region = validate::region(&self.inner.regions, region)?;
+        self.check_open()?;
+        let app = self.app(app_id)?;
+        let requested = deployment_id.filter(|d| *d != 0);
+        app.target_deployment(requested)?;
+        let app2 = Arc::clone(&app);
+        self.change(&app, region, move |state, ctx, txn| {
+            let dep = app2.target_deployment(requested)?;
+            let pid = state.new_process(ctx, &dep, None, txn)?;
+            state
+                .process(pid)
+                .ok_or_else(|| Error::Internal("new process missing".into()))
+        })
+        .await
+    }
+
+    pub async fn get_process(&self, app_id: &str, process_id: ProcessId) -> Result<Process> {
+        let (app, region) = self.locate_process(app_id, process_id)?;
+        self.read(&app, region, |s| s.process(process_id))
+            .ok_or_else(|| process_not_found(process_id))
+    }
+
+    fn filtered_regions(&self, filter: &ProcessFilter) -> Result<Vec<usize>> {
+        if filter.regions.is_empty() {
+            return Ok((0..self.inner.regions.len()).collect());
+        }
+        filter
+            .regions
+            .iter()
+            .map(|r| validate::region(&self.inner.regions, r))
+            .collect()
+    }
+
+    /// A page of the app's processes, newest `created_at` first (ties: process id).
+    pub async fn list_processes(
+        &self,
+        filter: &ProcessFilter,
+        page_size: usize,
+        page_token: Option<&str>,
+    ) -> Result<ProcessPage> {
+        validate::app_id(&filter.app_id)?;
+        let regions = self.filtered_regions(filter)?;
+        let after = page_token
+            .filter(|t| !t.is_empty())
+            .map(PageToken::parse)
+            .transpose()?;
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n => n.min(MAX_PAGE_SIZE),
+        };
+        let Some(app) = self
+            .inner
+            .apps
+            .get(&filter.app_id)
+            .map(|a| Arc::clone(a.value()))
+        else {
+            return Ok(ProcessPage {
+                processes: vec![],
+                next_page_token: None,
+            });
+        };
+        let mut all: Vec<Process> = Vec::new();
+        for region in regions {
+            if let Some(shard) = app.existing_shard(region) {
+                let state = shard.lock();
+                all.extend(
+                    state.processes().filter(|p| {
+                        filter.statuses.is_empty() || filter.statuses.contains(&p.status)
+                    }),
+                );
+            }
+        }
+        all.sort_by(|a, b| PageToken::of(a).cmp(&PageToken::of(b)));
+        let start = after.map_or(0, |t| all.partition_point(|p| PageToken::of(p) <= t));
+        let mut processes: Vec<Process> = all.into_iter().skip(start).collect();
+        let next_page_token = (processes.len() > page_size).then(|| {
+            processes.truncate(page_size);
+            PageToken::of(&processes[page_size - 1]).encode()
+        });
+        Ok(ProcessPage {
+            processes,
+            next_page_token,
+        })
+    }
+
+    pub async fn count_processes(&self, filter: &ProcessFilter) -> Result<u64> {
+        validate::app_id(&filter.app_id)?;
+        let regions = self.filtered_regions(filter)?;
+        let Some(app) = self
+            .inner
+            .apps
+            .get(&filter.app_id)
+            .map(|a| Arc::clone(a.value()))
+        else {
+            return Ok(0);
+        };
+        let mut count = 0;
+        for region in regions {
+            if let Some(shard) = app.existing_shard(region) {
+                count += shard.lock().count_processes(&filter.statuses) as u64;
+            }
+        }
+        Ok(count)
+    }
+
+    /// No new rooms on the process; it stops when its last room ends.
+    pub async fn drain_process(&self, app_id: &str, process_id: ProcessId) -> Result<Process> {
+        let (app, region) = self.locate_process(app_id, process_id)?;
+        self.check_open()?;
+        self.change(&app, region, |state, ctx, txn| {
+            state.drain(ctx, process_id, txn)
+        })
+        .await
+    }
+
+    /// Destroys the process's rooms and stops it now; harmless if it is already stopping.
+    pub async fn stop_process(&self, app_id: &str, process_id: ProcessId) -> Result<Process> {
+        let (app, region) = self.locate_process(app_id, process_id)?;
+        self.check_open()?;
+        self.change(&app, region, |state, ctx, txn| {
+            state.stop(ctx, process_id, "stopped by request", txn);
+            state
+                .process(process_id)
+                .ok_or_else(|| process_not_found(process_id))
+        })
+        .await
+    }
+}
+
+fn not_found_if_no_app(e: Error) -> Error {
+    match e {
+        Error::FailedPrecondition(m) => Error::NotFound(m),
+        e => e,
+    }
+}
+
+fn placement(state: &ShardState, room_id: &str) -> Result<RoomPlacement> {
+    let (process_id, status, exposed_port, additional_exposed_ports) = state.placement(room_id)?;
+    Ok(RoomPlacement {
+        room_id: room_id.to_string(),
+        process_id,
+        status,
+        exposed_port,
+        additional_exposed_ports,
+    })
+}
+
+/// Position in the newest-first order of `list_processes`: (−created_at, process id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct PageToken(i64, ProcessId);
+
+impl PageToken {
+    fn of(p: &Process) -> Self {
+        PageToken(
+            -p.created_at.timestamp_nanos_opt().unwrap_or(i64::MAX),
+            p.process_id,
+        )
+    }
+
+    fn encode(&self) -> String {
+        format!("{}.{}", self.0, self.1.simple())
+    }
+
+    fn parse(s: &str) -> Result<Self> {
+        let bad = || Error::invalid("page_token", "not a token returned by ListProcesses");
+        let (t, id) = s.split_once('.').ok_or_else(bad)?;
+        Ok(PageToken(
+            t.parse().map_err(|_| bad())?,
+            ProcessId::parse_str(id).map_err(|_| bad())?,
+        ))
+    }
+}
+
+/// A stream of a room's connection info; see [`Scheduler::watch_connection_info`].
+pub struct ConnectionWatch {
+    scheduler: Scheduler,
+    app: Arc<App>,
+    region: usize,
+    room_id: String,
+    changes: watch::Receiver<u64>,
+    closing: watch::Receiver<bool>,
+    last: Option<ConnectionInfo>,
+    done: bool,
+}
+
+impl ConnectionWatch {
+    /// The next distinct value; `None` once the room is ACTIVE (after sending that value),
+    /// destroyed, or the scheduler shuts down.
+    pub async fn next(&mut self) -> Option<ConnectionInfo> {
+        while !self.done {
+            self.changes.borrow_and_update();
+            let current = self
+                .scheduler
+                .read(&self.app, self.region, |s| s.connection_info(&self.room_id))
+                .ok();
+            let Some(info) = current else {
+                self.done = true;
+                return None;
+            };
+            if self.last.as_ref() != Some(&info) {
+                self.done = info.status == ConnectionStatus::Active;
+                self.last = Some(info.clone());
+                return Some(info);
+            }
+            tokio::select! {
+                changed = self.changes.changed() => if changed.is_err() { self.done = true },
+                _ = self.closing.wait_for(|closing| *closing) => self.done = true,
+            }
+        }
+        None
+    }
+}

@@ -1,0 +1,936 @@
+//! One (app, region) shard: its processes, its rooms, its placement index and its lock.
+//!
+//! Everything that must be atomic — pick a process and take its slot, destroy a room and free
+//! its slot, move a process along its lifecycle and deal with its rooms — is one method of
+//! [`ShardState`], run while the shard's mutex is held. Methods are synchronous and do no I/O:
+//! they record what the outside world must do (start or stop a process, arm a timer, persist
+//! records) in a [`Txn`] that the scheduler carries out after the lock is released.
+//!
+//! Invariants, true whenever the lock is free:
+//! - a process's `rooms` holds exactly the live rooms whose current allocation is on it, so
+//!   `rooms_allocated = rooms.len() ≤ rooms_per_process`;
+//! - the placement index holds exactly the processes that may take a room (RUNNING, or
+//!   STARTING without a drain request) and have a free slot, keyed by their current ranking;
+//! - `live_processes` counts the STARTING, RUNNING and DRAINING processes;
+//! - a status only moves forward ([`ProcessStatus`] is ordered by the lifecycle).
+
+use super::error::{Error, Result};
+use super::types::{
+    ConnectionInfo, ConnectionStatus, Deployment, ExposedPort, PlacementStrategy, Process,
+    ProcessId, ProcessStatus, Room, RoomAllocation, RoomStatus,
+};
+use crate::backend::ExitStatus;
+use crate::store::Record;
+use chrono::{DateTime, Utc};
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+use uuid::Uuid;
+
+/// How many times a room is placed before a failing start destroys it (SPEC §4).
+pub(crate) const MAX_PLACEMENT_ATTEMPTS: u8 = 3;
+
+/// Settings the shard's rules depend on.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    pub(crate) max_processes: u32,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) stop_grace: Duration,
+    pub(crate) start_timeout: Duration,
+}
+
+/// The inputs of one locked operation: who we are, what time it is, what the rules are.
+pub(crate) struct Ctx<'a> {
+    pub(crate) app_id: &'a str,
+    pub(crate) region: &'a str,
+    pub(crate) now: DateTime<Utc>,
+    pub(crate) instant: Instant,
+    pub(crate) limits: &'a Limits,
+}
+
+/// Something to do once the shard lock is released.
+#[derive(Debug)]
+pub(crate) enum Effect {
+    /// Ask the backend to start this process.
+    Start {
+        process_id: ProcessId,
+        deployment: Arc<Deployment>,
+        initial_room: Option<(String, String)>,
+    },
+    /// Ask the backend to stop this process after `grace` (zero = kill now).
+    Stop {
+        process_id: ProcessId,
+        grace: Duration,
+    },
+    /// Fail this process if it is still STARTING at `deadline`.
+    StartTimer {
+        process_id: ProcessId,
+        deadline: Instant,
+    },
+    /// Check this process for idleness at `deadline`.
+    IdleTimer {
+        process_id: ProcessId,
+        deadline: Instant,
+    },
+}
+
+/// What one locked operation changed, for the scheduler to persist and act on.
+#[derive(Debug, Default)]
+pub(crate) struct Txn {
+    /// `None` when the store wants no records.
+    pub(crate) records: Option<Vec<Record>>,
+    pub(crate) effects: Vec<Effect>,
+    /// Rooms destroyed by this operation (they enter the retention window).
+    pub(crate) destroyed: Vec<String>,
+    /// Something a connection-info watcher may care about changed.
+    pub(crate) notify: bool,
+}
+
+impl Txn {
+    pub(crate) fn new(wants_records: bool) -> Self {
+        Txn {
+            records: wants_records.then(Vec::new),
+            ..Default::default()
+        }
+    }
+}
+
+/// Which placement tier a process is in, and its rank within the tier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct IndexKey {
+    running: bool,
+    key: (u32, DateTime<Utc>, ProcessId),
+}
+
+/// Processes of one deployment that can take a room, best first.
+#[derive(Debug, Default)]
+struct DeploymentIndex {
+    running: BTreeSet<(u32, DateTime<Utc>, ProcessId)>,
+    starting: BTreeSet<(u32, DateTime<Utc>, ProcessId)>,
+}
+
+#[derive(Debug)]
+pub(crate) struct ProcessEntry {
+    process: Process,
+    deployment: Arc<Deployment>,
+    /// Live rooms, in the order they were placed.
+    rooms: Vec<String>,
+    /// Rooms that were on this process and left, oldest first (pruned on eviction).
+    past_rooms: VecDeque<String>,
+    /// DrainProcess while STARTING: no new rooms; drain once bound.
+    drain_requested: bool,
+    /// Why it was told to stop; becomes `summary_exit_reason` once it has exited.
+    stop_reason: Option<String>,
+    /// When it last became RUNNING with no room (None while it holds rooms).
+    idle_since: Option<Instant>,
+    idle_timer_armed: bool,
+}
+
+impl ProcessEntry {
+    fn free_slots(&self) -> u32 {
+        self.process.rooms_per_process - self.rooms.len() as u32
+    }
+
+    fn snapshot(&self) -> Process {
+        let mut p = self.process.clone();
+        p.rooms_allocated = self.rooms.len() as u32;
+        p
+    }
+
+    fn index_key(&self) -> Option<IndexKey> {
+        let free = self.free_slots();
+        if free == 0 {
+            return None;
+        }
+        let rank = match self.deployment.placement_strategy {
+            PlacementStrategy::MostFree => u32::MAX - free,
+            PlacementStrategy::FewestFree => free,
+        };
+        let id = self.process.process_id;
+        match self.process.status {
+            ProcessStatus::Running => Some(IndexKey {
+                running: true,
+                key: (
+                    rank,
+                    self.process.started_at.unwrap_or(self.process.created_at),
+                    id,
+                ),
+            }),
+            ProcessStatus::Starting if !self.drain_requested => Some(IndexKey {
+                running: false,
+                key: (rank, self.process.created_at, id),
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RoomEntry {
+    room_config: String,
+    /// Oldest first; the last one is current unless the room is destroyed.
+    allocations: Vec<RoomAllocation>,
+    destroyed: bool,
+    /// How many times the room has been placed.
+    attempts: u8,
+}
+
+impl RoomEntry {
+    fn current_process(&self) -> Option<ProcessId> {
+        if self.destroyed {
+            return None;
+        }
+        self.allocations.last().map(|a| a.process_id)
+    }
+}
+
+/// The state of one (app, region).
+#[derive(Debug, Default)]
+pub(crate) struct ShardState {
+    processes: HashMap<ProcessId, ProcessEntry>,
+    rooms: HashMap<String, RoomEntry>,
+    index: HashMap<u32, DeploymentIndex>,
+    live_processes: u32,
+}
+
+impl ShardState {
+    // ----- reads -------------------------------------------------------------------------
+
+    pub(crate) fn process(&self, id: ProcessId) -> Option<Process> {
+        self.processes.get(&id).map(ProcessEntry::snapshot)
+    }
+
+    pub(crate) fn processes(&self) -> impl Iterator<Item = Process> + '_ {
+        self.processes.values().map(ProcessEntry::snapshot)
+    }
+
+    pub(crate) fn count_processes(&self, statuses: &[ProcessStatus]) -> usize {
+        self.processes
+            .values()
+            .filter(|e| statuses.is_empty() || statuses.contains(&e.process.status))
+            .count()
+    }
+
+    pub(crate) fn room(&self, app_id: &str, room_id: &str) -> Option<Room> {
+        let entry = self.rooms.get(room_id)?;
+        Some(self.room_snapshot(app_id, room_id, entry))
+    }
+
+    /// A live room (not destroyed) or NOT_FOUND.
+    fn live_room(&self, room_id: &str) -> Result<&RoomEntry> {
+        match self.rooms.get(room_id) {
+            Some(r) if !r.destroyed => Ok(r),
+            Some(_) => Err(Error::NotFound(format!("room {room_id:?} was destroyed"))),
+            None => Err(Error::NotFound(format!("room {room_id:?} not found"))),
+        }
+    }
+
+    fn room_status(&self, entry: &RoomEntry) -> RoomStatus {
+        match entry.current_process().and_then(|p| self.processes.get(&p)) {
+            Some(p) if p.process.status == ProcessStatus::Starting => RoomStatus::Scheduling,
+            Some(_) => RoomStatus::Active,
+            None => RoomStatus::Destroyed,
+        }
+    }
+
+    fn room_snapshot(&self, app_id: &str, room_id: &str, entry: &RoomEntry) -> Room {
+        Room {
+            app_id: app_id.to_string(),
+            room_id: room_id.to_string(),
+            room_config: entry.room_config.clone(),
+            status: self.room_status(entry),
+            current_allocation: if entry.destroyed {
+                None
+            } else {
+                entry.allocations.last().cloned()
+            },
+            allocations: entry.allocations.clone(),
+        }
+    }
+
+    pub(crate) fn connection_info(&self, room_id: &str) -> Result<ConnectionInfo> {
+        let entry = self.live_room(room_id)?;
+        let pid = entry
+            .current_process()
+            .ok_or_else(|| Error::Internal("live room without process".into()))?;
+        let p = &self.processes[&pid].process;
+        let active = p.status != ProcessStatus::Starting;
+        Ok(ConnectionInfo {
+            room_id: room_id.to_string(),
+            process_id: pid,
+            status: if active {
+                ConnectionStatus::Active
+            } else {
+                ConnectionStatus::Starting
+            },
+            exposed_port: if active { p.exposed_port.clone() } else { None },
+            additional_exposed_ports: if active {
+                p.additional_exposed_ports.clone()
+            } else {
+                vec![]
+            },
+        })
+    }
+
+    /// Where a live room is: its process, the room's status and the process's ports.
+    pub(crate) fn placement(
+        &self,
+        room_id: &str,
+    ) -> Result<(ProcessId, RoomStatus, Option<ExposedPort>, Vec<ExposedPort>)> {
+        let entry = self.live_room(room_id)?;
+        let pid = entry
+            .current_process()
+            .ok_or_else(|| Error::Internal("live room without process".into()))?;
+        let p = &self.processes[&pid].process;
+        Ok((
+            pid,
+            self.room_status(entry),
+            p.exposed_port.clone(),
+            p.additional_exposed_ports.clone(),
+        ))
+    }
+
+    pub(crate) fn room_config_matches(&self, room_id: &str, config: &str) -> Option<(bool, bool)> {
+        self.rooms
+            .get(room_id)
+            .map(|r| (r.destroyed, r.room_config == config))
+    }
+
+    pub(crate) fn active_rooms(&self, app_id: &str, pid: ProcessId) -> Option<Vec<Room>> {
+        let p = self.processes.get(&pid)?;
+        Some(
+            p.rooms
+                .iter()
+                .map(|id| self.room_snapshot(app_id, id, &self.rooms[id]))
+                .collect(),
+        )
+    }
+
+    pub(crate) fn inactive_rooms(&self, app_id: &str, pid: ProcessId) -> Option<Vec<Room>> {
+        let p = self.processes.get(&pid)?;
+        Some(
+            p.past_rooms
+                .iter()
+                .filter_map(|id| {
+                    self.rooms
+                        .get(id)
+                        .map(|r| self.room_snapshot(app_id, id, r))
+                })
+                .collect(),
+        )
+    }
+
+    // ----- bookkeeping helpers -----------------------------------------------------------
+
+    fn record_process(&self, pid: ProcessId, txn: &mut Txn) {
+        if let (Some(records), Some(e)) = (txn.records.as_mut(), self.processes.get(&pid)) {
+            records.push(Record::Process(e.snapshot()));
+        }
+    }
+
+    fn record_room(&self, app_id: &str, room_id: &str, txn: &mut Txn) {
+        if let (Some(records), Some(r)) = (txn.records.as_mut(), self.rooms.get(room_id)) {
+            records.push(Record::Room(self.room_snapshot(app_id, room_id, r)));
+        }
+    }
+
+    /// Runs `f` on a process and keeps the placement index and the live count in step with
+    /// whatever `f` changed.
+    fn update<T>(&mut self, pid: ProcessId, f: impl FnOnce(&mut ProcessEntry) -> T) -> Option<T> {
+        let entry = self.processes.get_mut(&pid)?;
+        let (old_key, was_live) = (entry.index_key(), entry.process.status.is_live());
+        let out = f(entry);
+        let (new_key, is_live) = (entry.index_key(), entry.process.status.is_live());
+        let dep = entry.process.deployment_id;
+        if old_key != new_key {
+            let idx = self.index.entry(dep).or_default();
+            if let Some(k) = old_key {
+                if k.running {
+                    idx.running.remove(&k.key)
+                } else {
+                    idx.starting.remove(&k.key)
+                };
+            }
+            if let Some(k) = new_key {
+                if k.running {
+                    idx.running.insert(k.key)
+                } else {
+                    idx.starting.insert(k.key)
+                };
+            }
+        }
+        match (was_live, is_live) {
+            (true, false) => self.live_processes -= 1,
+            (false, true) => self.live_processes += 1,
+            _ => {}
+        }
+        Some(out)
+    }
+
+    /// The best process of `deployment_id` with a free slot: RUNNING first, then STARTING.
+    fn best_candidate(&self, deployment_id: u32) -> Option<ProcessId> {
+        let idx = self.index.get(&deployment_id)?;
+        idx.running
+            .first()
+            .or_else(|| idx.starting.first())
+            .map(|k| k.2)
+    }
+
+    // ----- placement ---------------------------------------------------------------------
+
+    /// Takes a slot for `room_id` (SPEC §5): on the best candidate, else on a new process,
+    /// else RESOURCE_EXHAUSTED. Does not touch the room entry itself.
+    fn take_slot(
+        &mut self,
+        ctx: &Ctx<'_>,
+        dep: &Arc<Deployment>,
+        room_id: &str,
+        room_config: &str,
+        txn: &mut Txn,
+    ) -> Result<ProcessId> {
+        let pid = match self.best_candidate(dep.deployment_id) {
+            Some(pid) => pid,
+            None => {
+                let initial = Some((room_id.to_string(), room_config.to_string()));
+                self.new_process(ctx, dep, initial, txn)?
+            }
+        };
+        self.update(pid, |e| {
+            e.rooms.push(room_id.to_string());
+            e.idle_since = None;
+        });
+        self.record_process(pid, txn);
+        txn.notify = true;
+        Ok(pid)
+    }
+
+    /// Places a new room (the caller has checked the id is free in the app).
+    pub(crate) fn create_room(
+        &mut self,
+        ctx: &Ctx<'_>,
+        dep: &Arc<Deployment>,
+        room_id: &str,
+        room_config: String,
+        txn: &mut Txn,
+    ) -> Result<ProcessId> {
+        let pid = self.take_slot(ctx, dep, room_id, &room_config, txn)?;
+        let allocation = new_allocation(pid, ctx.now);
+        self.rooms.insert(
+            room_id.to_string(),
+            RoomEntry {
+                room_config,
+                allocations: vec![allocation],
+                destroyed: false,
+                attempts: 1,
+            },
+        );
+        self.record_room(ctx.app_id, room_id, txn);
+        Ok(pid)
+    }
+
+    /// Starts an empty process, or the first process of a room (`initial_room`).
+    pub(crate) fn new_process(
+        &mut self,
+        ctx: &Ctx<'_>,
+        dep: &Arc<Deployment>,
+        initial_room: Option<(String, String)>,
+        txn: &mut Txn,
+    ) -> Result<ProcessId> {
+        if self.live_processes >= ctx.limits.max_processes {
+            return Err(Error::ResourceExhausted {
+                message: format!(
+                    "region {} of app {} is at its limit of {} processes and no process has a free slot",
+                    ctx.region, ctx.app_id, ctx.limits.max_processes
+                ),
+                retry_after: Duration::from_secs(1),
+            });
+        }
+        let pid = Uuid::new_v4();
+        let process = Process {
+            process_id: pid,
+            app_id: ctx.app_id.to_string(),
+            deployment_id: dep.deployment_id,
+            region: ctx.region.to_string(),
+            status: ProcessStatus::Starting,
+            rooms_per_process: dep.rooms_per_process,
+            rooms_allocated: 0,
+            exposed_port: None,
+            additional_exposed_ports: vec![],
+            created_at: ctx.now,
+            started_at: None,
+            stopping_at: None,
+            terminated_at: None,
+            summary_exit_reason: String::new(),
+        };
+        let entry = ProcessEntry {
+            process,
+            deployment: Arc::clone(dep),
+            rooms: vec![],
+            past_rooms: VecDeque::new(),
+            drain_requested: false,
+            stop_reason: None,
+            idle_since: None,
+            idle_timer_armed: false,
+        };
+        if let Some(k) = entry.index_key() {
+            self.index
+                .entry(dep.deployment_id)
+                .or_default()
+                .starting
+                .insert(k.key);
+        }
+        self.processes.insert(pid, entry);
+        self.live_processes += 1;
+        tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, deployment_id = dep.deployment_id, "process starting");
+        txn.effects.push(Effect::Start {
+            process_id: pid,
+            deployment: Arc::clone(dep),
+            initial_room,
+        });
+        txn.effects.push(Effect::StartTimer {
+            process_id: pid,
+            deadline: ctx.instant + ctx.limits.start_timeout,
+        });
+        self.record_process(pid, txn);
+        txn.notify = true;
+        Ok(pid)
+    }
+
+    // ----- rooms -------------------------------------------------------------------------
+
+    /// Destroys a live room and frees its slot.
+    pub(crate) fn destroy_room(
+        &mut self,
+        ctx: &Ctx<'_>,
+        room_id: &str,
+        txn: &mut Txn,
+    ) -> Result<()> {
+        let pid = self
+            .live_room(room_id)?
+            .current_process()
+            .ok_or_else(|| Error::Internal("live room without process".into()))?;
+        self.update(pid, |e| {
+            if let Some(i) = e.rooms.iter().position(|r| r == room_id) {
+                e.rooms.remove(i);
+            }
+        });
+        self.close_room(ctx, pid, room_id, true, txn);
+        self.after_room_left(ctx, pid, txn);
+        self.record_process(pid, txn);
+        Ok(())
+    }
+
+    /// Ends a room's current allocation on `pid`; the room is destroyed if `destroy`.
+    fn close_room(
+        &mut self,
+        ctx: &Ctx<'_>,
+        pid: ProcessId,
+        room_id: &str,
+        destroy: bool,
+        txn: &mut Txn,
+    ) {
+        if let Some(r) = self.rooms.get_mut(room_id) {
+            if let Some(a) = r.allocations.last_mut() {
+                a.unscheduled_at.get_or_insert(ctx.now);
+            }
+            if destroy {
+                r.destroyed = true;
+                txn.destroyed.push(room_id.to_string());
+                tracing::debug!(app_id = ctx.app_id, room_id, process_id = %pid, "room destroyed");
+            }
+        }
+        if let Some(p) = self.processes.get_mut(&pid) {
+            p.past_rooms.push_back(room_id.to_string());
+        }
+        self.record_room(ctx.app_id, room_id, txn);
+        txn.notify = true;
+    }
+
+    /// A room left `pid`: a draining process with no room left stops, an idle one starts
+    /// its idle clock.
+    fn after_room_left(&mut self, ctx: &Ctx<'_>, pid: ProcessId, txn: &mut Txn) {
+        let Some(e) = self.processes.get(&pid) else {
+            return;
+        };
+        if !e.rooms.is_empty() {
+            return;
+        }
+        match e.process.status {
+            ProcessStatus::Draining => self.stop(ctx, pid, "drained", txn),
+            ProcessStatus::Running => self.start_idle_clock(ctx, pid, txn),
+            _ => {}
+        }
+    }
+
+    fn start_idle_clock(&mut self, ctx: &Ctx<'_>, pid: ProcessId, txn: &mut Txn) {
+        let Some(e) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        if !e.deployment.idle_timeout_enabled {
+            return;
+        }
+        e.idle_since = Some(ctx.instant);
+        if !e.idle_timer_armed {
+            e.idle_timer_armed = true;
+            txn.effects.push(Effect::IdleTimer {
+                process_id: pid,
+                deadline: ctx.instant + ctx.limits.idle_timeout,
+            });
+        }
+    }
+
+    pub(crate) fn update_room_config(
+        &mut self,
+        ctx: &Ctx<'_>,
+        room_id: &str,
+        config: String,
+        txn: &mut Txn,
+    ) -> Result<Room> {
+        self.live_room(room_id)?;
+        if let Some(r) = self.rooms.get_mut(room_id) {
+            r.room_config = config;
+        }
+        self.record_room(ctx.app_id, room_id, txn);
+        self.room(ctx.app_id, room_id)
+            .ok_or_else(|| Error::Internal("room vanished".into()))
+    }
+
+    /// Drops a destroyed room for good (it left the retention window). Returns whether it did.
+    pub(crate) fn forget_room(&mut self, room_id: &str) -> bool {
+        match self.rooms.get(room_id) {
+            Some(r) if r.destroyed => {}
+            _ => return false,
+        }
+        let Some(r) = self.rooms.remove(room_id) else {
+            return false;
+        };
+        for a in &r.allocations {
+            if let Some(p) = self.processes.get_mut(&a.process_id) {
+                if let Some(i) = p.past_rooms.iter().position(|x| x == room_id) {
+                    p.past_rooms.remove(i);
+                }
+            }
+        }
+        true
+    }
+
+    // ----- process lifecycle -------------------------------------------------------------
+
+    fn missing(pid: ProcessId) -> Error {
+        Error::NotFound(format!("process {pid} not found"))
+    }
+
+    /// No new rooms; a process with none left stops now. Harmless on a process that is
+    /// already draining or stopping.
+    pub(crate) fn drain(
+        &mut self,
+        ctx: &Ctx<'_>,
+        pid: ProcessId,
+        txn: &mut Txn,
+    ) -> Result<Process> {
+        let status = self
+            .processes
+            .get(&pid)
+            .ok_or_else(|| Self::missing(pid))?
+            .process
+            .status;
+        match status {
+            ProcessStatus::Starting => {
+                self.update(pid, |e| e.drain_requested = true);
+                self.record_process(pid, txn);
+            }
+            ProcessStatus::Running => {
+                self.update(pid, |e| e.process.status = ProcessStatus::Draining);
+                tracing::info!(app_id = ctx.app_id, process_id = %pid, "process draining");
+                txn.notify = true;
+                self.record_process(pid, txn);
+                self.after_room_left(ctx, pid, txn);
+            }
+            _ => {}
+        }
+        self.process(pid).ok_or_else(|| Self::missing(pid))
+    }
+
+    /// Drains every live process of a deployment older than `latest`.
+    pub(crate) fn drain_older(&mut self, ctx: &Ctx<'_>, latest: u32, txn: &mut Txn) {
+        let older: Vec<ProcessId> = self
+            .processes
+            .values()
+            .filter(|e| e.process.deployment_id < latest && e.process.status.is_live())
+            .map(|e| e.process.process_id)
+            .collect();
+        for pid in older {
+            let _ = self.drain(ctx, pid, txn);
+        }
+    }
+
+    /// Destroys the process's rooms and tells it to stop (SIGTERM, then SIGKILL after the
+    /// grace). Harmless on a process that is already stopping or has exited.
+    pub(crate) fn stop(&mut self, ctx: &Ctx<'_>, pid: ProcessId, reason: &str, txn: &mut Txn) {
+        let Some(e) = self.processes.get(&pid) else {
+            return;
+        };
+        if !e.process.status.is_live() {
+            return;
+        }
+        let rooms = self
+            .update(pid, |e| {
+                e.process.status = ProcessStatus::Stopping;
+                e.process.stopping_at = Some(ctx.now);
+                e.stop_reason = Some(reason.to_string());
+                std::mem::take(&mut e.rooms)
+            })
+            .unwrap_or_default();
+        for room_id in rooms {
+            self.close_room(ctx, pid, &room_id, true, txn);
+        }
+        tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, reason, "process stopping");
+        txn.effects.push(Effect::Stop {
+            process_id: pid,
+            grace: ctx.limits.stop_grace,
+        });
+        txn.notify = true;
+        self.record_process(pid, txn);
+    }
+
+    /// The process bound its main port.
+    pub(crate) fn on_bound(
+        &mut self,
+        ctx: &Ctx<'_>,
+        pid: ProcessId,
+        port: ExposedPort,
+        additional: Vec<ExposedPort>,
+        txn: &mut Txn,
+    ) {
+        let Some(e) = self.processes.get(&pid) else {
+            return;
+        };
+        match e.process.status {
+            ProcessStatus::Starting => {}
+            ProcessStatus::Stopping | ProcessStatus::Failed => {
+                // Told to stop (or given up on) before it was even launched or bound: make sure
+                // the backend's process goes away.
+                let grace = if e.process.status == ProcessStatus::Failed {
+                    Duration::ZERO
+                } else {
+                    ctx.limits.stop_grace
+                };
+                txn.effects.push(Effect::Stop {
+                    process_id: pid,
+                    grace,
+                });
+                return;
+            }
+            _ => return, // a duplicate report
+        }
+        let drain = e.drain_requested;
+        self.update(pid, |e| {
+            e.process.status = if drain {
+                ProcessStatus::Draining
+            } else {
+                ProcessStatus::Running
+            };
+            e.process.started_at = Some(ctx.now);
+            e.process.exposed_port = Some(port);
+            e.process.additional_exposed_ports = additional;
+        });
+        tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, "process running");
+        txn.notify = true;
+        self.record_process(pid, txn);
+        self.after_room_left(ctx, pid, txn);
+    }
+
+    /// The process exited by itself, or after being told to stop.
+    pub(crate) fn on_exit(
+        &mut self,
+        ctx: &Ctx<'_>,
+        pid: ProcessId,
+        status: ExitStatus,
+        txn: &mut Txn,
+    ) {
+        let Some(e) = self.processes.get(&pid) else {
+            return;
+        };
+        match e.process.status {
+            ProcessStatus::Starting => {
+                let reason = format!(
+                    "{status} before binding port {}",
+                    e.deployment.container_port
+                );
+                self.fail_start(ctx, pid, &reason, txn);
+            }
+            ProcessStatus::Running | ProcessStatus::Draining => {
+                let rooms = self
+                    .update(pid, |e| {
+                        e.process.status = if status.success() {
+                            ProcessStatus::Stopped
+                        } else {
+                            ProcessStatus::Failed
+                        };
+                        e.process.terminated_at = Some(ctx.now);
+                        e.process.summary_exit_reason = status.to_string();
+                        std::mem::take(&mut e.rooms)
+                    })
+                    .unwrap_or_default();
+                for room_id in rooms {
+                    self.close_room(ctx, pid, &room_id, true, txn);
+                }
+                tracing::warn!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, %status, "process exited by itself");
+                txn.notify = true;
+                self.record_process(pid, txn);
+            }
+            ProcessStatus::Stopping => {
+                self.update(pid, |e| {
+                    e.process.status = ProcessStatus::Stopped;
+                    e.process.terminated_at = Some(ctx.now);
+                    e.process.summary_exit_reason =
+                        e.stop_reason.take().unwrap_or_else(|| status.to_string());
+                });
+                tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, "process stopped");
+                txn.notify = true;
+                self.record_process(pid, txn);
+            }
+            ProcessStatus::Stopped | ProcessStatus::Failed => {} // duplicate report
+        }
+    }
+
+    /// The start timer fired: a process still STARTING has failed to bind in time.
+    pub(crate) fn on_start_timeout(&mut self, ctx: &Ctx<'_>, pid: ProcessId, txn: &mut Txn) {
+        let Some(e) = self.processes.get(&pid) else {
+            return;
+        };
+        if e.process.status != ProcessStatus::Starting {
+            return;
+        }
+        let reason = format!(
+            "did not bind port {} within {}",
+            e.deployment.container_port,
+            humanize(ctx.limits.start_timeout)
+        );
+        self.fail_start(ctx, pid, &reason, txn);
+        txn.effects.push(Effect::Stop {
+            process_id: pid,
+            grace: Duration::ZERO,
+        });
+    }
+
+    /// A STARTING process failed: FAILED now, and its rooms, which never ran, are placed again
+    /// (a new allocation) unless they have used up their attempts.
+    fn fail_start(&mut self, ctx: &Ctx<'_>, pid: ProcessId, reason: &str, txn: &mut Txn) {
+        let Some(rooms) = self.update(pid, |e| {
+            e.process.status = ProcessStatus::Failed;
+            e.process.terminated_at = Some(ctx.now);
+            e.process.summary_exit_reason = reason.to_string();
+            std::mem::take(&mut e.rooms)
+        }) else {
+            return;
+        };
+        tracing::warn!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, reason, "process failed to start");
+        let dep = Arc::clone(&self.processes[&pid].deployment);
+        for room_id in rooms {
+            let attempts = self
+                .rooms
+                .get(&room_id)
+                .map_or(MAX_PLACEMENT_ATTEMPTS, |r| r.attempts);
+            if attempts >= MAX_PLACEMENT_ATTEMPTS {
+                tracing::warn!(
+                    app_id = ctx.app_id,
+                    room_id,
+                    attempts,
+                    "room destroyed: its processes failed to start"
+                );
+                self.close_room(ctx, pid, &room_id, true, txn);
+                continue;
+            }
+            self.close_room(ctx, pid, &room_id, false, txn);
+            let config = self
+                .rooms
+                .get(&room_id)
+                .map(|r| r.room_config.clone())
+                .unwrap_or_default();
+            match self.take_slot(ctx, &dep, &room_id, &config, txn) {
+                Ok(new_pid) => {
+                    if let Some(r) = self.rooms.get_mut(&room_id) {
+                        r.allocations.push(new_allocation(new_pid, ctx.now));
+                        r.attempts += 1;
+                    }
+                    tracing::info!(app_id = ctx.app_id, room_id, process_id = %new_pid, "room placed again");
+                    self.record_room(ctx.app_id, &room_id, txn);
+                }
+                Err(err) => {
+                    tracing::warn!(app_id = ctx.app_id, room_id, %err, "room destroyed: could not place it again");
+                    if let Some(r) = self.rooms.get_mut(&room_id) {
+                        r.destroyed = true;
+                    }
+                    txn.destroyed.push(room_id.clone());
+                    self.record_room(ctx.app_id, &room_id, txn);
+                }
+            }
+        }
+        txn.notify = true;
+        self.record_process(pid, txn);
+    }
+
+    /// The idle timer fired. Stops the process if it has been RUNNING with no room for the
+    /// whole idle timeout; re-arms the timer if it became idle more recently.
+    pub(crate) fn on_idle_timer(&mut self, ctx: &Ctx<'_>, pid: ProcessId, txn: &mut Txn) {
+        let Some(e) = self.processes.get_mut(&pid) else {
+            return;
+        };
+        let idle_since = match (e.process.status, e.rooms.is_empty(), e.idle_since) {
+            (ProcessStatus::Running, true, Some(t)) => t,
+            _ => {
+                e.idle_timer_armed = false;
+                return;
+            }
+        };
+        let deadline = idle_since + ctx.limits.idle_timeout;
+        if deadline > ctx.instant {
+            txn.effects.push(Effect::IdleTimer {
+                process_id: pid,
+                deadline,
+            });
+            return;
+        }
+        e.idle_timer_armed = false;
+        self.stop(ctx, pid, "idle timeout", txn);
+    }
+
+    /// The backend could not launch the process.
+    pub(crate) fn on_launch_failed(
+        &mut self,
+        ctx: &Ctx<'_>,
+        pid: ProcessId,
+        error: &str,
+        txn: &mut Txn,
+    ) {
+        if self
+            .processes
+            .get(&pid)
+            .is_some_and(|e| e.process.status == ProcessStatus::Starting)
+        {
+            self.fail_start(ctx, pid, &format!("failed to start: {error}"), txn);
+        }
+    }
+}
+
+fn new_allocation(process_id: ProcessId, now: DateTime<Utc>) -> RoomAllocation {
+    RoomAllocation {
+        room_allocation_id: Uuid::new_v4(),
+        process_id,
+        scheduled_at: now,
+        unscheduled_at: None,
+    }
+}
+
+/// `100s`, `1.5s`, `250ms`.
+pub(crate) fn humanize(d: Duration) -> String {
+    if d.as_millis() < 1000 {
+        format!("{}ms", d.as_millis())
+    } else if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}
