@@ -39,6 +39,13 @@ pub mod backend;
 pub mod core;
 pub mod store;
 
+#[cfg(feature = "server")]
+pub mod cli;
+#[cfg(feature = "server")]
+pub mod grpc;
+#[cfg(feature = "server")]
+pub mod server;
+
 pub use crate::core::clock::{Clock, ManualClock, SystemClock};
 pub use crate::core::error::{Error, Result};
 pub use crate::core::types::*;

@@ -12,3 +12,9 @@ mod validate;
 pub use scheduler::{
     ConnectionWatch, Scheduler, SchedulerBuilder, DEFAULT_PAGE_SIZE, DEFAULT_REGIONS, MAX_PAGE_SIZE,
 };
+
+/// Checks an app id against SPEC §7 (`^[A-Za-z0-9_-]{1,100}$`); for adapters that must
+/// report a bad app id before anything else.
+pub fn validate_app_id(app_id: &str) -> error::Result<()> {
+    validate::app_id(app_id)
+}

@@ -1,0 +1,1006 @@
+//! The `roomsched` command line: `serve` runs the service; the other subcommands are gRPC
+//! clients of a running server, printing tables for people or JSON (`--json`) for scripts.
+
+use crate::backend::{Simulated, SimulatedConfig};
+use crate::grpc::pb;
+use crate::grpc::pb::deployment_service_client::DeploymentServiceClient;
+use crate::grpc::pb::process_service_client::ProcessServiceClient;
+use crate::grpc::pb::room_service_client::RoomServiceClient;
+use crate::server::{self, ServerConfig};
+use crate::Scheduler;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+use tonic::transport::Channel;
+
+/// `println!` that exits quietly when stdout is closed (e.g. piped into `head`).
+macro_rules! out {
+    () => { out!("") };
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if writeln!(std::io::stdout().lock(), $($arg)*).is_err() {
+            std::process::exit(0);
+        }
+    }};
+}
+
+/// Room allocation scheduler for dedicated game servers.
+#[derive(Debug, Parser)]
+#[command(name = "roomsched", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC service.
+    Serve(ServeArgs),
+    /// Create, inspect and destroy rooms.
+    #[command(subcommand)]
+    Room(RoomCommand),
+    /// Create, inspect, drain and stop processes.
+    #[command(subcommand)]
+    Process(ProcessCommand),
+    /// Create and inspect deployments.
+    #[command(subcommand)]
+    Deployment(DeploymentCommand),
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 2s, 5m)"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    Memory,
+    Durable,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    Simulated,
+    Local,
+}
+
+/// `roomsched serve`. Every flag can also be set by the environment variable named in its
+/// help text.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is logged).
+    #[arg(long, env = "ROOMSCHED_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: String,
+    /// Directory for the durable store and process logs.
+    #[arg(long, env = "ROOMSCHED_DATA_DIR", default_value = "./roomsched-data")]
+    pub data_dir: PathBuf,
+    /// Where state is kept. Only `memory` exists so far (nothing survives a restart).
+    #[arg(long, env = "ROOMSCHED_STORE", value_enum, default_value = "memory")]
+    pub store: StoreKind,
+    /// What starts processes. Only `simulated` exists so far.
+    #[arg(
+        long,
+        env = "ROOMSCHED_BACKEND",
+        value_enum,
+        default_value = "simulated"
+    )]
+    pub backend: BackendKind,
+    /// Comma-separated region names (default: the 14 Hathora regions).
+    #[arg(long, env = "ROOMSCHED_REGIONS", value_delimiter = ',')]
+    pub regions: Option<Vec<String>>,
+    /// How long a simulated process stays STARTING before it binds its port.
+    #[arg(long, env = "ROOMSCHED_SIM_START_DELAY", value_parser = duration, default_value = "0ms")]
+    pub sim_start_delay: Duration,
+    /// A STARTING process that has not bound its port by then is FAILED.
+    #[arg(long, env = "ROOMSCHED_START_TIMEOUT", value_parser = duration, default_value = "100s")]
+    pub start_timeout: Duration,
+    /// A RUNNING process with no room for this long stops (deployments with the idle timeout on).
+    #[arg(long, env = "ROOMSCHED_IDLE_TIMEOUT", value_parser = duration, default_value = "300s")]
+    pub idle_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL when a process is stopped.
+    #[arg(long, env = "ROOMSCHED_STOP_GRACE", value_parser = duration, default_value = "10s")]
+    pub stop_grace: Duration,
+    /// Live processes allowed per app and region.
+    #[arg(long, env = "ROOMSCHED_MAX_PROCESSES", default_value_t = 1000)]
+    pub max_processes: u32,
+    /// How many destroyed rooms stay readable, server-wide.
+    #[arg(long, env = "ROOMSCHED_RETAINED_ROOMS", default_value_t = 100_000)]
+    pub retained_rooms: usize,
+    /// Largest gRPC message, in bytes.
+    #[arg(long, env = "ROOMSCHED_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_size: usize,
+}
+
+/// Where the server is and how to print.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// Address of a running roomsched server.
+    #[arg(
+        long,
+        env = "ROOMSCHED_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    pub addr: String,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoomCommand {
+    /// Place a room in a region.
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: String,
+        /// Opaque room configuration (at most 10,000 bytes).
+        #[arg(long, default_value = "")]
+        config: String,
+        /// Choose the room id (default: generated).
+        #[arg(long)]
+        room_id: Option<String>,
+        /// Deployment to use (default: the latest).
+        #[arg(long)]
+        deployment: Option<u32>,
+    },
+    /// Show a room and its allocation history.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        room_id: String,
+    },
+    /// Destroy a room and free its slot.
+    Destroy {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        room_id: String,
+    },
+    /// Show where players of a room connect.
+    Conn {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        room_id: String,
+    },
+    /// Follow a room's connection info until it is ACTIVE or destroyed.
+    Watch {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        room_id: String,
+    },
+    /// List the rooms on a process (active by default).
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        process: String,
+        /// Rooms that were on the process and left.
+        #[arg(long)]
+        inactive: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProcessCommand {
+    /// Start an empty process (pre-warming).
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: String,
+        #[arg(long)]
+        deployment: Option<u32>,
+    },
+    /// Show one process.
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        process_id: String,
+    },
+    /// List processes, newest first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        /// Only these statuses (starting, running, draining, stopping, stopped, failed).
+        #[arg(long = "status", value_delimiter = ',')]
+        statuses: Vec<String>,
+        /// Only these regions.
+        #[arg(long = "region", value_delimiter = ',')]
+        regions: Vec<String>,
+        /// At most this many (default: all).
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Take no new rooms; stop when the last room ends.
+    Drain {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        process_id: String,
+    },
+    /// Destroy the process's rooms and stop it now.
+    Stop {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        process_id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeploymentCommand {
+    /// Create the app's next deployment (older processes start draining).
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        rooms_per_process: u32,
+        /// The game server's main port inside its container.
+        #[arg(long, default_value_t = 7777)]
+        port: u32,
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Transport,
+        /// NAME:PORT[:tcp|udp|tls], at most 2.
+        #[arg(long = "additional-port")]
+        additional_ports: Vec<String>,
+        /// Stop processes that have had no room for the idle timeout.
+        #[arg(long)]
+        idle_timeout: bool,
+        /// NAME=VALUE, repeatable.
+        #[arg(long = "env")]
+        env: Vec<String>,
+        #[arg(long, value_enum, default_value = "most-free")]
+        strategy: Strategy,
+        /// The game server's argv for the `local` backend (`{port}` is replaced).
+        #[arg(last = true)]
+        command: Vec<String>,
+    },
+    /// Show a deployment (the latest without an id).
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        deployment_id: Option<u32>,
+    },
+    /// List an app's deployments, newest first.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    Tcp,
+    Udp,
+    Tls,
+}
+
+impl Transport {
+    fn pb(self) -> pb::TransportType {
+        match self {
+            Transport::Tcp => pb::TransportType::Tcp,
+            Transport::Udp => pb::TransportType::Udp,
+            Transport::Tls => pb::TransportType::Tls,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Strategy {
+    MostFree,
+    FewestFree,
+}
+
+/// A failure the CLI reports and exits non-zero for.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach roomsched at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{} ({:?})", .0.message(), .0.code())]
+    Call(#[from] tonic::Status),
+    #[error(transparent)]
+    Server(#[from] server::ServerError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Scheduler(#[from] crate::Error),
+}
+
+/// Runs `roomsched serve` until SIGINT or SIGTERM.
+pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
+    if args.store == StoreKind::Durable {
+        return Err(CliError::Usage(
+            "--store durable is not available yet; use --store memory".into(),
+        ));
+    }
+    if args.backend == BackendKind::Local {
+        return Err(CliError::Usage(
+            "--backend local is not available yet; use --backend simulated".into(),
+        ));
+    }
+    let mut builder = Scheduler::builder()
+        .backend(Simulated::new(SimulatedConfig {
+            start_delay: args.sim_start_delay,
+            ..Default::default()
+        }))
+        .start_timeout(args.start_timeout)
+        .idle_timeout(args.idle_timeout)
+        .stop_grace(args.stop_grace)
+        .max_processes(args.max_processes)
+        .retained_destroyed_rooms(args.retained_rooms);
+    if let Some(regions) = args.regions {
+        builder = builder.regions(regions);
+    }
+    let scheduler = builder.build()?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(
+        %addr,
+        store = "memory",
+        backend = "simulated",
+        regions = scheduler.regions().join(","),
+        "roomsched listening"
+    );
+    let config = ServerConfig {
+        max_message_size: args.max_message_size,
+    };
+    server::run(listener, scheduler, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot listen for SIGTERM; only SIGINT stops the server");
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => tracing::info!("received SIGINT"),
+            _ = term.recv() => tracing::info!("received SIGTERM"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn channel(addr: &str) -> Result<Channel, CliError> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = Channel::from_shared(uri.clone())
+        .map_err(|e| CliError::Usage(format!("bad --addr {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5));
+    endpoint
+        .connect()
+        .await
+        .map_err(|source| CliError::Connect { addr: uri, source })
+}
+
+/// Runs one subcommand.
+pub async fn run(command: Command) -> Result<(), CliError> {
+    match command {
+        Command::Serve(args) => serve(args).await,
+        Command::Room(cmd) => room(cmd).await,
+        Command::Process(cmd) => process(cmd).await,
+        Command::Deployment(cmd) => deployment(cmd).await,
+    }
+}
+
+async fn room(cmd: RoomCommand) -> Result<(), CliError> {
+    match cmd {
+        RoomCommand::Create {
+            client,
+            app,
+            region,
+            config,
+            room_id,
+            deployment,
+        } => {
+            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let r = c
+                .create_room(pb::CreateRoomRequest {
+                    app_id: app,
+                    region,
+                    room_config: config,
+                    room_id: room_id.unwrap_or_default(),
+                    deployment_id: deployment.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            let v = json!({
+                "room_id": r.room_id,
+                "process_id": r.process_id,
+                "status": enum_name(r.status().as_str_name()),
+                "exposed_port": r.exposed_port.as_ref().map(port_json),
+                "additional_exposed_ports": r.additional_exposed_ports.iter().map(port_json).collect::<Vec<_>>(),
+            });
+            print_one(client.json, &v);
+        }
+        RoomCommand::Get {
+            client,
+            app,
+            room_id,
+        } => {
+            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let r = c
+                .get_room(pb::GetRoomRequest {
+                    app_id: app,
+                    room_id,
+                })
+                .await?
+                .into_inner();
+            let v = room_json(&r);
+            if client.json {
+                out!("{v:#}");
+            } else {
+                print_one(
+                    false,
+                    &json!({
+                        "room_id": r.room_id, "status": v["status"], "room_config": r.room_config,
+                        "process_id": v["current_allocation"]["process_id"],
+                    }),
+                );
+                out!("\nallocations (oldest first):");
+                print_table(
+                    &[
+                        "room_allocation_id",
+                        "process_id",
+                        "scheduled_at",
+                        "unscheduled_at",
+                    ],
+                    v["allocations"].as_array().cloned().unwrap_or_default(),
+                );
+            }
+        }
+        RoomCommand::Destroy {
+            client,
+            app,
+            room_id,
+        } => {
+            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            c.destroy_room(pb::DestroyRoomRequest {
+                app_id: app,
+                room_id: room_id.clone(),
+            })
+            .await?;
+            print_one(
+                client.json,
+                &json!({ "room_id": room_id, "destroyed": true }),
+            );
+        }
+        RoomCommand::Conn {
+            client,
+            app,
+            room_id,
+        } => {
+            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let r = c
+                .get_connection_info(pb::GetConnectionInfoRequest {
+                    app_id: app,
+                    room_id,
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &conn_json(&r));
+        }
+        RoomCommand::Watch {
+            client,
+            app,
+            room_id,
+        } => {
+            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut stream = c
+                .watch_connection_info(pb::GetConnectionInfoRequest {
+                    app_id: app,
+                    room_id,
+                })
+                .await?
+                .into_inner();
+            let mut first = true;
+            while let Some(info) = stream.message().await? {
+                let v = conn_json(&info);
+                if client.json {
+                    out!("{v}");
+                } else {
+                    if !first {
+                        out!();
+                    }
+                    print_one(false, &v);
+                }
+                first = false;
+            }
+        }
+        RoomCommand::List {
+            client,
+            app,
+            process,
+            inactive,
+        } => {
+            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let req = pb::ListRoomsForProcessRequest {
+                app_id: app,
+                process_id: process,
+            };
+            let rooms = if inactive {
+                c.list_inactive_rooms_for_process(req).await?
+            } else {
+                c.list_active_rooms_for_process(req).await?
+            }
+            .into_inner()
+            .rooms;
+            let rows: Vec<Value> = rooms.iter().map(room_json).collect();
+            print_list(client.json, &["room_id", "status", "room_config"], rows);
+        }
+    }
+    Ok(())
+}
+
+fn parse_status(s: &str) -> Result<i32, CliError> {
+    let name = format!("PROCESS_STATUS_{}", s.trim().to_ascii_uppercase());
+    pb::ProcessStatus::from_str_name(&name)
+        .filter(|s| *s != pb::ProcessStatus::Unspecified)
+        .map(Into::into)
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "unknown status {s:?} (starting, running, draining, stopping, stopped, failed)"
+            ))
+        })
+}
+
+const PROCESS_COLUMNS: [&str; 7] = [
+    "process_id",
+    "region",
+    "deployment_id",
+    "status",
+    "rooms",
+    "address",
+    "created_at",
+];
+
+async fn process(cmd: ProcessCommand) -> Result<(), CliError> {
+    match cmd {
+        ProcessCommand::Create {
+            client,
+            app,
+            region,
+            deployment,
+        } => {
+            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let p = c
+                .create_process(pb::CreateProcessRequest {
+                    app_id: app,
+                    region,
+                    deployment_id: deployment.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &process_json(&p));
+        }
+        ProcessCommand::Get {
+            client,
+            app,
+            process_id,
+        } => {
+            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let p = c
+                .get_process(pb::GetProcessRequest {
+                    app_id: app,
+                    process_id,
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &process_json(&p));
+        }
+        ProcessCommand::List {
+            client,
+            app,
+            statuses,
+            regions,
+            limit,
+        } => {
+            let statuses = statuses
+                .iter()
+                .map(|s| parse_status(s))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let mut rows = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let page = c
+                    .list_processes(pb::ListProcessesRequest {
+                        app_id: app.clone(),
+                        statuses: statuses.clone(),
+                        regions: regions.clone(),
+                        page_size: 1000,
+                        page_token,
+                    })
+                    .await?
+                    .into_inner();
+                rows.extend(page.processes.iter().map(process_json));
+                if limit.is_some_and(|l| rows.len() >= l) {
+                    rows.truncate(limit.unwrap_or(usize::MAX));
+                    break;
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
+            }
+            print_list(client.json, &PROCESS_COLUMNS, rows);
+        }
+        ProcessCommand::Drain {
+            client,
+            app,
+            process_id,
+        } => {
+            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let p = c
+                .drain_process(pb::DrainProcessRequest {
+                    app_id: app,
+                    process_id,
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &process_json(&p));
+        }
+        ProcessCommand::Stop {
+            client,
+            app,
+            process_id,
+        } => {
+            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let p = c
+                .stop_process(pb::StopProcessRequest {
+                    app_id: app,
+                    process_id,
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &process_json(&p));
+        }
+    }
+    Ok(())
+}
+
+fn parse_additional_port(s: &str) -> Result<pb::ContainerPort, CliError> {
+    let bad = || {
+        CliError::Usage(format!(
+            "--additional-port {s:?}: expected NAME:PORT[:tcp|udp|tls]"
+        ))
+    };
+    let mut parts = s.split(':');
+    let name = parts.next().ok_or_else(bad)?.to_string();
+    let port = parts.next().ok_or_else(bad)?.parse().map_err(|_| bad())?;
+    let transport = match parts.next() {
+        None | Some("tcp") => pb::TransportType::Tcp,
+        Some("udp") => pb::TransportType::Udp,
+        Some("tls") => pb::TransportType::Tls,
+        Some(_) => return Err(bad()),
+    };
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(pb::ContainerPort {
+        name,
+        port,
+        transport_type: transport.into(),
+    })
+}
+
+async fn deployment(cmd: DeploymentCommand) -> Result<(), CliError> {
+    match cmd {
+        DeploymentCommand::Create {
+            client,
+            app,
+            rooms_per_process,
+            port,
+            transport,
+            additional_ports,
+            idle_timeout,
+            env,
+            strategy,
+            command,
+        } => {
+            let env = env
+                .iter()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| pb::EnvVar {
+                            name: k.to_string(),
+                            value: v.to_string(),
+                        })
+                        .ok_or_else(|| {
+                            CliError::Usage(format!("--env {kv:?}: expected NAME=VALUE"))
+                        })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let additional_container_ports = additional_ports
+                .iter()
+                .map(|p| parse_additional_port(p))
+                .collect::<Result<_, _>>()?;
+            let strategy = match strategy {
+                Strategy::MostFree => pb::PlacementStrategy::MostFree,
+                Strategy::FewestFree => pb::PlacementStrategy::FewestFree,
+            };
+            let mut c = DeploymentServiceClient::new(channel(&client.addr).await?);
+            let d = c
+                .create_deployment(pb::CreateDeploymentRequest {
+                    app_id: app,
+                    rooms_per_process,
+                    transport_type: transport.pb().into(),
+                    container_port: port,
+                    additional_container_ports,
+                    idle_timeout_enabled: idle_timeout,
+                    env,
+                    command,
+                    placement_strategy: strategy.into(),
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &deployment_json(&d));
+        }
+        DeploymentCommand::Get {
+            client,
+            app,
+            deployment_id,
+        } => {
+            let mut c = DeploymentServiceClient::new(channel(&client.addr).await?);
+            let d = match deployment_id {
+                Some(id) => {
+                    c.get_deployment(pb::GetDeploymentRequest {
+                        app_id: app,
+                        deployment_id: id,
+                    })
+                    .await?
+                }
+                None => {
+                    c.get_latest_deployment(pb::GetLatestDeploymentRequest { app_id: app })
+                        .await?
+                }
+            }
+            .into_inner();
+            print_one(client.json, &deployment_json(&d));
+        }
+        DeploymentCommand::List { client, app } => {
+            let mut c = DeploymentServiceClient::new(channel(&client.addr).await?);
+            let ds = c
+                .list_deployments(pb::ListDeploymentsRequest { app_id: app })
+                .await?
+                .into_inner();
+            let rows = ds.deployments.iter().map(deployment_json).collect();
+            print_list(
+                client.json,
+                &[
+                    "deployment_id",
+                    "rooms_per_process",
+                    "container_port",
+                    "placement_strategy",
+                    "created_at",
+                ],
+                rows,
+            );
+        }
+    }
+    Ok(())
+}
+
+// ----- JSON views of the messages (protobuf field names, enum value names) ------------------
+
+/// `PROCESS_STATUS_RUNNING` → `RUNNING`.
+fn enum_name(full: &str) -> String {
+    [
+        "PROCESS_STATUS_",
+        "ROOM_STATUS_",
+        "CONNECTION_STATUS_",
+        "TRANSPORT_TYPE_",
+        "PLACEMENT_STRATEGY_",
+    ]
+    .iter()
+    .find_map(|p| full.strip_prefix(p))
+    .unwrap_or(full)
+    .to_string()
+}
+
+fn ts(t: &Option<prost_types::Timestamp>) -> Value {
+    match t
+        .as_ref()
+        .and_then(|t| chrono::DateTime::from_timestamp(t.seconds, t.nanos as u32))
+    {
+        Some(t) => Value::String(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        None => Value::Null,
+    }
+}
+
+fn port_json(p: &pb::ExposedPort) -> Value {
+    json!({
+        "host": p.host, "name": p.name, "port": p.port,
+        "transport_type": enum_name(p.transport_type().as_str_name()),
+    })
+}
+
+fn process_json(p: &pb::Process) -> Value {
+    json!({
+        "process_id": p.process_id,
+        "app_id": p.app_id,
+        "deployment_id": p.deployment_id,
+        "region": p.region,
+        "status": enum_name(p.status().as_str_name()),
+        "rooms_per_process": p.rooms_per_process,
+        "rooms_allocated": p.rooms_allocated,
+        "rooms": format!("{}/{}", p.rooms_allocated, p.rooms_per_process),
+        "address": p.exposed_port.as_ref().map(|e| format!("{}:{}", e.host, e.port)),
+        "exposed_port": p.exposed_port.as_ref().map(port_json),
+        "additional_exposed_ports": p.additional_exposed_ports.iter().map(port_json).collect::<Vec<_>>(),
+        "created_at": ts(&p.created_at),
+        "started_at": ts(&p.started_at),
+        "stopping_at": ts(&p.stopping_at),
+        "terminated_at": ts(&p.terminated_at),
+        "summary_exit_reason": p.summary_exit_reason,
+    })
+}
+
+fn allocation_json(a: &pb::RoomAllocation) -> Value {
+    json!({
+        "room_allocation_id": a.room_allocation_id,
+        "process_id": a.process_id,
+        "scheduled_at": ts(&a.scheduled_at),
+        "unscheduled_at": ts(&a.unscheduled_at),
+    })
+}
+
+fn room_json(r: &pb::Room) -> Value {
+    json!({
+        "app_id": r.app_id,
+        "room_id": r.room_id,
+        "room_config": r.room_config,
+        "status": enum_name(r.status().as_str_name()),
+        "current_allocation": r.current_allocation.as_ref().map(allocation_json),
+        "allocations": r.allocations.iter().map(allocation_json).collect::<Vec<_>>(),
+    })
+}
+
+fn conn_json(c: &pb::ConnectionInfo) -> Value {
+    json!({
+        "address": c.exposed_port.as_ref().map(|e| format!("{}:{}", e.host, e.port)),
+        "room_id": c.room_id,
+        "process_id": c.process_id,
+        "status": enum_name(c.status().as_str_name()),
+        "exposed_port": c.exposed_port.as_ref().map(port_json),
+        "additional_exposed_ports": c.additional_exposed_ports.iter().map(port_json).collect::<Vec<_>>(),
+    })
+}
+
+fn deployment_json(d: &pb::Deployment) -> Value {
+    json!({
+        "app_id": d.app_id,
+        "deployment_id": d.deployment_id,
+        "rooms_per_process": d.rooms_per_process,
+        "transport_type": enum_name(d.transport_type().as_str_name()),
+        "container_port": d.container_port,
+        "additional_container_ports": d.additional_container_ports.iter().map(|p| json!({
+            "name": p.name, "port": p.port, "transport_type": enum_name(p.transport_type().as_str_name()),
+        })).collect::<Vec<_>>(),
+        "idle_timeout_enabled": d.idle_timeout_enabled,
+        "env": d.env.iter().map(|e| json!({"name": e.name, "value": e.value})).collect::<Vec<_>>(),
+        "command": d.command,
+        "placement_strategy": enum_name(d.placement_strategy().as_str_name()),
+        "created_at": ts(&d.created_at),
+    })
+}
+
+// ----- printing ------------------------------------------------------------------------------
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".to_string(),
+        Value::String(s) if s.is_empty() => "-".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// One object: pretty JSON, or `key  value` lines (nulls and empty lists left out).
+fn print_one(as_json: bool, v: &Value) {
+    if as_json {
+        out!("{v:#}");
+        return;
+    }
+    let Some(obj) = v.as_object() else {
+        return out!("{v}");
+    };
+    let width = obj.keys().map(String::len).max().unwrap_or(0);
+    for (k, v) in obj {
+        let empty = v.is_null() || v.as_array().is_some_and(Vec::is_empty);
+        if !empty {
+            out!("{k:<width$}  {}", cell(v));
+        }
+    }
+}
+
+fn print_list(as_json: bool, columns: &[&str], rows: Vec<Value>) {
+    if as_json {
+        out!("{:#}", Value::Array(rows));
+    } else {
+        print_table(columns, rows);
+    }
+}
+
+fn print_table(columns: &[&str], rows: Vec<Value>) {
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| columns.iter().map(|c| cell(&r[*c])).collect())
+        .collect();
+    let widths: Vec<usize> = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            cells
+                .iter()
+                .map(|r| r[i].len())
+                .chain([c.len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |values: Vec<String>| {
+        let padded: Vec<String> = values
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        out!("{}", padded.join("  ").trim_end());
+    };
+    line(columns.iter().map(|c| c.to_uppercase()).collect());
+    for row in cells {
+        line(row);
+    }
+    if rows.is_empty() {
+        out!("(none)");
+    }
+}
