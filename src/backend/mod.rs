@@ -47,13 +47,13 @@ impl std::fmt::Display for ExitStatus {
 }
 
 /// A report from a backend about one process.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) struct ProcessEvent {
     pub(crate) process_id: ProcessId,
     pub(crate) kind: ProcessEventKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub(crate) enum ProcessEventKind {
     Bound {
         exposed_port: ExposedPort,
@@ -66,6 +66,8 @@ pub(crate) enum ProcessEventKind {
     /// process is applied by one task, in order.
     StartTimeout,
     IdleCheck,
+    /// Not about a process: answered once every event sent before it has been applied.
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// The channel a backend reports on. Reports may arrive late or twice; the scheduler ignores

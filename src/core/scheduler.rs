@@ -328,6 +328,19 @@ impl Scheduler {
         &self.inner.regions
     }
 
+    /// Waits until every process event reported so far (binds, exits, fired timers) has been
+    /// applied. Useful to embedders and tests that drive a backend by hand.
+    pub async fn settle(&self) {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        let barrier = ProcessEvent {
+            process_id: ProcessId::nil(),
+            kind: ProcessEventKind::Barrier(done),
+        };
+        if self.inner.events.send(barrier).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
     /// Refuses further changes with UNAVAILABLE and ends connection watches. Reads still work.
     pub fn shutdown(&self) {
         self.inner.closing.send_replace(true);
@@ -539,6 +552,10 @@ impl Scheduler {
 
     async fn apply_event(&self, event: ProcessEvent) -> Result<()> {
         let pid = event.process_id;
+        if let ProcessEventKind::Barrier(done) = event.kind {
+            let _ = done.send(());
+            return Ok(());
+        }
         let Some((app, region)) = self
             .inner
             .process_locations
@@ -557,6 +574,7 @@ impl Scheduler {
                 ProcessEventKind::LaunchFailed(err) => state.on_launch_failed(ctx, pid, &err, txn),
                 ProcessEventKind::StartTimeout => state.on_start_timeout(ctx, pid, txn),
                 ProcessEventKind::IdleCheck => state.on_idle_timer(ctx, pid, txn),
+                ProcessEventKind::Barrier(_) => {}
             }
             Ok(())
         })
