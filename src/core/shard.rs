@@ -934,3 +934,187 @@ pub(crate) fn humanize(d: Duration) -> String {
         format!("{:.1}s", d.as_secs_f64())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::types::TransportType;
+    use chrono::TimeZone;
+
+    fn limits() -> Limits {
+        Limits {
+            max_processes: 100,
+            idle_timeout: Duration::from_secs(300),
+            stop_grace: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(100),
+        }
+    }
+
+    fn dep(rpp: u32, strategy: PlacementStrategy) -> Arc<Deployment> {
+        Arc::new(Deployment {
+            app_id: "a".into(),
+            deployment_id: 1,
+            rooms_per_process: rpp,
+            transport_type: TransportType::Tcp,
+            container_port: 7777,
+            additional_container_ports: vec![],
+            idle_timeout_enabled: false,
+            env: vec![],
+            command: vec![],
+            placement_strategy: strategy,
+            created_at: Utc.timestamp_opt(0, 0).unwrap(),
+        })
+    }
+
+    fn ctx(limits: &Limits, second: i64) -> Ctx<'_> {
+        Ctx {
+            app_id: "a",
+            region: "r",
+            now: Utc.timestamp_opt(second, 0).unwrap(),
+            instant: Instant::now(),
+            limits,
+        }
+    }
+
+    /// A shard whose operations happen at chosen wall-clock seconds.
+    struct Fixture {
+        state: ShardState,
+        limits: Limits,
+        dep: Arc<Deployment>,
+        rooms: u32,
+    }
+
+    impl Fixture {
+        fn new(rpp: u32, strategy: PlacementStrategy) -> Self {
+            Fixture {
+                state: ShardState::default(),
+                limits: limits(),
+                dep: dep(rpp, strategy),
+                rooms: 0,
+            }
+        }
+
+        fn process(&mut self, created: i64) -> ProcessId {
+            let ctx = ctx(&self.limits, created);
+            self.state
+                .new_process(&ctx, &self.dep, None, &mut Txn::new(false))
+                .unwrap()
+        }
+
+        fn bind(&mut self, pid: ProcessId, second: i64) {
+            let ctx = ctx(&self.limits, second);
+            let port = ExposedPort {
+                host: "h".into(),
+                name: "default".into(),
+                port: 1,
+                transport_type: TransportType::Tcp,
+            };
+            self.state
+                .on_bound(&ctx, pid, port, vec![], &mut Txn::new(false));
+        }
+
+        fn room(&mut self) -> Result<ProcessId> {
+            self.rooms += 1;
+            let id = format!("r{}", self.rooms);
+            let ctx = ctx(&self.limits, 1000);
+            self.state
+                .create_room(&ctx, &self.dep, &id, String::new(), &mut Txn::new(false))
+        }
+
+        fn rooms_on(&self, pid: ProcessId) -> u32 {
+            self.state.process(pid).unwrap().rooms_allocated
+        }
+    }
+
+    #[test]
+    fn running_ties_go_to_the_earliest_started_then_the_smallest_id() {
+        let mut f = Fixture::new(4, PlacementStrategy::MostFree);
+        let late = f.process(0);
+        let early = f.process(1);
+        f.bind(early, 10);
+        f.bind(late, 20);
+        assert_eq!(
+            f.room().unwrap(),
+            early,
+            "equal free slots: earliest started_at"
+        );
+        assert_eq!(f.room().unwrap(), late, "then the most free slots");
+
+        let mut f = Fixture::new(4, PlacementStrategy::MostFree);
+        let (a, b) = (f.process(0), f.process(0));
+        f.bind(a, 10);
+        f.bind(b, 10);
+        assert_eq!(
+            f.room().unwrap(),
+            a.min(b),
+            "same started_at: smallest process id"
+        );
+    }
+
+    #[test]
+    fn starting_processes_only_when_no_running_one_has_a_slot() {
+        let mut f = Fixture::new(2, PlacementStrategy::MostFree);
+        let starting_late = f.process(5);
+        let starting_early = f.process(3);
+        let running = f.process(1);
+        f.bind(running, 2);
+        assert_eq!(f.room().unwrap(), running);
+        assert_eq!(f.room().unwrap(), running);
+        assert_eq!(
+            f.room().unwrap(),
+            starting_early,
+            "ties among STARTING: earliest created_at"
+        );
+        assert_eq!(f.room().unwrap(), starting_late, "then the most free slots");
+        assert_eq!(f.rooms_on(running), 2);
+    }
+
+    #[test]
+    fn fewest_free_packs_rooms() {
+        let mut f = Fixture::new(4, PlacementStrategy::FewestFree);
+        let a = f.process(0);
+        let b = f.process(1);
+        f.bind(a, 2);
+        f.bind(b, 3);
+        assert_eq!(f.room().unwrap(), a, "all equal: earliest started");
+        assert_eq!(f.room().unwrap(), a, "then the fuller one");
+        assert_eq!(f.room().unwrap(), a);
+        assert_eq!(f.room().unwrap(), a);
+        assert_eq!(f.room().unwrap(), b, "a is full");
+    }
+
+    #[test]
+    fn a_new_process_only_when_nothing_has_a_slot_and_never_past_the_limit() {
+        let mut f = Fixture::new(1, PlacementStrategy::MostFree);
+        f.limits.max_processes = 2;
+        let first = f.room().unwrap();
+        let second = f.room().unwrap();
+        assert_ne!(first, second);
+        assert!(matches!(f.room(), Err(Error::ResourceExhausted { .. })));
+        assert_eq!(f.state.count_processes(&[]), 2);
+        assert_eq!(f.state.live_processes, 2);
+    }
+
+    #[test]
+    fn draining_stopping_and_dead_processes_are_not_candidates() {
+        let mut f = Fixture::new(4, PlacementStrategy::MostFree);
+        let draining = f.process(0);
+        let stopping = f.process(0);
+        let starting_drained = f.process(0);
+        f.bind(draining, 1);
+        f.bind(stopping, 1);
+        let ctx = ctx(&f.limits, 2);
+        f.state.drain(&ctx, draining, &mut Txn::new(false)).unwrap();
+        f.state.stop(&ctx, stopping, "test", &mut Txn::new(false));
+        f.state
+            .drain(&ctx, starting_drained, &mut Txn::new(false))
+            .unwrap();
+        let placed = f.room().unwrap();
+        assert!(![draining, stopping, starting_drained].contains(&placed));
+        assert!(f
+            .state
+            .index
+            .values()
+            .all(|i| i.running.len() + i.starting.len() == 1));
+    }
+}
