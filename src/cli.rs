@@ -377,6 +377,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     );
     let config = ServerConfig {
         max_message_size: args.max_message_size,
+        ..Default::default()
     };
     server::run(listener, scheduler, config, shutdown_signal()).await?;
     Ok(())

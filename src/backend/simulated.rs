@@ -63,6 +63,13 @@ struct SimProcess {
 impl SimState {
     fn take_port(&mut self, range: &std::ops::RangeInclusive<u16>) -> Result<u16, BackendError> {
         let span = usize::from(range.end() - range.start()) + 1;
+        if self.ports_in_use.len() >= span {
+            return Err(BackendError(format!(
+                "no free port left in {}-{}",
+                range.start(),
+                range.end()
+            )));
+        }
         for _ in 0..span {
             if self.next_port < *range.start() || self.next_port > *range.end() {
                 self.next_port = *range.start();

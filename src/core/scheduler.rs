@@ -859,11 +859,15 @@ impl Scheduler {
         if filter.regions.is_empty() {
             return Ok((0..self.inner.regions.len()).collect());
         }
-        filter
+        let mut regions = filter
             .regions
             .iter()
             .map(|r| validate::region(&self.inner.regions, r))
-            .collect()
+            .collect::<Result<Vec<_>>>()?;
+        // A region named twice is still one region.
+        regions.sort_unstable();
+        regions.dedup();
+        Ok(regions)
     }
 
     /// A page of the app's processes, newest `created_at` first (ties: process id).
