@@ -3,6 +3,7 @@
 
 use crate::backend::{Simulated, SimulatedConfig};
 use crate::grpc::pb;
+use crate::grpc::pb::app_service_client::AppServiceClient;
 use crate::grpc::pb::deployment_service_client::DeploymentServiceClient;
 use crate::grpc::pb::process_service_client::ProcessServiceClient;
 use crate::grpc::pb::room_service_client::RoomServiceClient;
@@ -46,6 +47,56 @@ pub enum Command {
     /// Create and inspect deployments.
     #[command(subcommand)]
     Deployment(DeploymentCommand),
+    /// Capacity policy of an app in a region: warm pool and process limit.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Billed process-seconds, rooms created and peak processes per region.
+    Usage {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        /// Only these regions (default: all).
+        #[arg(long = "region", value_delimiter = ',')]
+        regions: Vec<String>,
+        /// Window start, RFC 3339 (default: the beginning).
+        #[arg(long)]
+        start: Option<String>,
+        /// Window end, RFC 3339 (default: now).
+        #[arg(long)]
+        end: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Change the policy; fields not given keep their current value.
+    Set {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: String,
+        /// Keep at least this many processes of the latest deployment alive.
+        #[arg(long)]
+        min_processes: Option<u32>,
+        /// Keep at least this many free slots on RUNNING or STARTING processes.
+        #[arg(long)]
+        buffer_rooms: Option<u32>,
+        /// At most this many STARTING + RUNNING + DRAINING processes.
+        #[arg(long)]
+        max_processes: Option<u32>,
+    },
+    /// Show the policy (the server's default until set).
+    Get {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        app: String,
+        #[arg(long)]
+        region: String,
+    },
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -100,9 +151,15 @@ pub struct ServeArgs {
     /// Time between SIGTERM and SIGKILL when a process is stopped.
     #[arg(long, env = "ROOMSCHED_STOP_GRACE", value_parser = duration, default_value = "10s")]
     pub stop_grace: Duration,
-    /// Live processes allowed per app and region.
+    /// Live processes allowed per app and region (until a region policy says otherwise).
     #[arg(long, env = "ROOMSCHED_MAX_PROCESSES", default_value_t = 1000)]
     pub max_processes: u32,
+    /// Warm pool: processes kept alive per app and region (until a region policy says otherwise).
+    #[arg(long, env = "ROOMSCHED_MIN_PROCESSES", default_value_t = 0)]
+    pub min_processes: u32,
+    /// Warm pool: free slots kept per app and region (until a region policy says otherwise).
+    #[arg(long, env = "ROOMSCHED_BUFFER_ROOMS", default_value_t = 0)]
+    pub buffer_rooms: u32,
     /// How many destroyed rooms stay readable, server-wide.
     #[arg(long, env = "ROOMSCHED_RETAINED_ROOMS", default_value_t = 100_000)]
     pub retained_rooms: usize,
@@ -358,7 +415,11 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         .start_timeout(args.start_timeout)
         .idle_timeout(args.idle_timeout)
         .stop_grace(args.stop_grace)
-        .max_processes(args.max_processes)
+        .default_region_policy(crate::RegionPolicy {
+            min_processes: args.min_processes,
+            buffer_rooms: args.buffer_rooms,
+            max_processes: args.max_processes,
+        })
         .retained_destroyed_rooms(args.retained_rooms);
     if let Some(regions) = args.regions {
         builder = builder.regions(regions);
@@ -430,7 +491,128 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Room(cmd) => room(cmd).await,
         Command::Process(cmd) => process(cmd).await,
         Command::Deployment(cmd) => deployment(cmd).await,
+        Command::Policy(cmd) => policy(cmd).await,
+        Command::Usage {
+            client,
+            app,
+            regions,
+            start,
+            end,
+        } => usage(client, app, regions, start, end).await,
     }
+}
+
+fn policy_json(p: &pb::RegionPolicy) -> Value {
+    json!({
+        "app_id": p.app_id,
+        "region": p.region,
+        "min_processes": p.min_processes,
+        "buffer_rooms": p.buffer_rooms,
+        "max_processes": p.max_processes,
+    })
+}
+
+async fn policy(cmd: PolicyCommand) -> Result<(), CliError> {
+    match cmd {
+        PolicyCommand::Set {
+            client,
+            app,
+            region,
+            min_processes,
+            buffer_rooms,
+            max_processes,
+        } => {
+            let mut c = AppServiceClient::new(channel(&client.addr).await?);
+            let current = c
+                .get_region_policy(pb::GetRegionPolicyRequest {
+                    app_id: app.clone(),
+                    region: region.clone(),
+                })
+                .await?
+                .into_inner();
+            let p = c
+                .set_region_policy(pb::SetRegionPolicyRequest {
+                    app_id: app,
+                    region,
+                    min_processes: min_processes.unwrap_or(current.min_processes),
+                    buffer_rooms: buffer_rooms.unwrap_or(current.buffer_rooms),
+                    max_processes: max_processes.unwrap_or(current.max_processes),
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &policy_json(&p));
+        }
+        PolicyCommand::Get {
+            client,
+            app,
+            region,
+        } => {
+            let mut c = AppServiceClient::new(channel(&client.addr).await?);
+            let p = c
+                .get_region_policy(pb::GetRegionPolicyRequest {
+                    app_id: app,
+                    region,
+                })
+                .await?
+                .into_inner();
+            print_one(client.json, &policy_json(&p));
+        }
+    }
+    Ok(())
+}
+
+fn rfc3339(flag: &str, s: Option<String>) -> Result<Option<prost_types::Timestamp>, CliError> {
+    s.map(|s| {
+        chrono::DateTime::parse_from_rfc3339(&s)
+            .map(|t| crate::grpc::convert::timestamp(t.to_utc()))
+            .map_err(|e| {
+                CliError::Usage(format!("--{flag} {s:?}: {e} (e.g. 2026-12-03T18:00:00Z)"))
+            })
+    })
+    .transpose()
+}
+
+async fn usage(
+    client: ClientArgs,
+    app: String,
+    regions: Vec<String>,
+    start: Option<String>,
+    end: Option<String>,
+) -> Result<(), CliError> {
+    let (start, end) = (rfc3339("start", start)?, rfc3339("end", end)?);
+    let mut c = AppServiceClient::new(channel(&client.addr).await?);
+    let u = c
+        .get_usage(pb::GetUsageRequest {
+            app_id: app,
+            regions,
+            start,
+            end,
+        })
+        .await?
+        .into_inner();
+    let rows = u
+        .regions
+        .iter()
+        .map(|r| {
+            json!({
+                "region": r.region,
+                "billed_process_seconds": r.billed_process_seconds,
+                "rooms_created": r.rooms_created,
+                "peak_processes": r.peak_processes,
+            })
+        })
+        .collect();
+    print_list(
+        client.json,
+        &[
+            "region",
+            "billed_process_seconds",
+            "rooms_created",
+            "peak_processes",
+        ],
+        rows,
+    );
+    Ok(())
 }
 
 async fn room(cmd: RoomCommand) -> Result<(), CliError> {

@@ -13,6 +13,7 @@ use roomsched::grpc::pb::{ConnectionStatus, ProcessStatus, RoomStatus};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 use tonic::Code;
+use tonic_types::StatusExt;
 
 const APP: &str = "api-app";
 
@@ -1158,42 +1159,103 @@ async fn reflection_lists_the_roomsched_services() -> TestResult {
 }
 
 #[tokio::test]
-async fn app_service_answers_unimplemented() -> TestResult {
+async fn region_policies_and_usage_over_grpc() -> TestResult {
     let s = TestServer::start().await?;
-    s.create_deployment(APP, 4).await?;
+    s.create_deployment(APP, 2).await?;
     let mut apps = s.apps.clone();
+    let get = pb::GetRegionPolicyRequest {
+        app_id: APP.into(),
+        region: "Frankfurt".into(),
+    };
+    let default = apps.get_region_policy(get.clone()).await?.into_inner();
+    assert_eq!((default.min_processes, default.buffer_rooms), (0, 0));
+
+    let bad = pb::SetRegionPolicyRequest {
+        app_id: APP.into(),
+        region: "Frankfurt".into(),
+        min_processes: 5,
+        buffer_rooms: 0,
+        max_processes: 3,
+    };
     expect_error(
-        apps.set_region_policy(pb::SetRegionPolicyRequest {
-            app_id: APP.into(),
-            region: "Frankfurt".into(),
-            min_processes: 1,
-            buffer_rooms: 0,
-            max_processes: 10,
-        })
-        .await,
-        Code::Unimplemented,
-        &[],
+        apps.set_region_policy(bad).await,
+        Code::InvalidArgument,
+        &["min_processes"],
     )?;
-    expect_error(
-        apps.get_region_policy(pb::GetRegionPolicyRequest {
-            app_id: APP.into(),
-            region: "Frankfurt".into(),
+    assert_eq!(
+        s.count_processes(APP).await?,
+        0,
+        "a refused policy starts nothing"
+    );
+    assert_eq!(
+        apps.get_region_policy(get.clone()).await?.into_inner(),
+        default
+    );
+
+    let set = pb::SetRegionPolicyRequest {
+        app_id: APP.into(),
+        region: "Frankfurt".into(),
+        min_processes: 2,
+        buffer_rooms: 0,
+        max_processes: 3,
+    };
+    let applied = apps.set_region_policy(set).await?.into_inner();
+    assert_eq!((applied.min_processes, applied.max_processes), (2, 3));
+    assert_eq!(apps.get_region_policy(get).await?.into_inner(), applied);
+    assert_eq!(
+        s.count_processes(APP).await?,
+        2,
+        "the warm pool starts at once"
+    );
+
+    // 3 processes of 2 slots: of 20 concurrent creates exactly 6 succeed.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut rooms = s.rooms.clone();
+            tokio::spawn(async move { rooms.create_room(room_request(APP, "Frankfurt")).await })
         })
-        .await,
-        Code::Unimplemented,
-        &[],
-    )?;
-    expect_error(
-        apps.get_usage(pb::GetUsageRequest {
+        .collect();
+    let (mut ok, mut exhausted) = (0, 0);
+    for t in tasks {
+        match t.await? {
+            Ok(_) => ok += 1,
+            Err(status) => {
+                assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+                assert!(
+                    status.get_details_retry_info().is_some(),
+                    "RetryInfo detail"
+                );
+                exhausted += 1;
+            }
+        }
+    }
+    assert_eq!((ok, exhausted), (6, 14));
+    assert_eq!(s.count_processes(APP).await?, 3);
+
+    let usage = apps
+        .get_usage(pb::GetUsageRequest {
             app_id: APP.into(),
+            regions: vec!["Frankfurt".into(), "Tokyo".into()],
             ..Default::default()
         })
-        .await,
-        Code::Unimplemented,
-        &[],
-    )?;
-    // SetRegionPolicy did not start a warm pool.
-    assert_eq!(s.count_processes(APP).await?, 0);
+        .await?
+        .into_inner();
+    let regions: Vec<&str> = usage.regions.iter().map(|r| r.region.as_str()).collect();
+    assert_eq!(regions, ["Frankfurt", "Tokyo"]);
+    assert_eq!(
+        (
+            usage.regions[0].rooms_created,
+            usage.regions[0].peak_processes
+        ),
+        (6, 3)
+    );
+    assert_eq!(
+        (
+            usage.regions[1].rooms_created,
+            usage.regions[1].peak_processes
+        ),
+        (0, 0)
+    );
     Ok(())
 }
 

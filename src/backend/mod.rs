@@ -66,6 +66,8 @@ pub(crate) enum ProcessEventKind {
     /// process is applied by one task, in order.
     StartTimeout,
     IdleCheck,
+    /// Reconcile the warm pool of the process's region.
+    PoolCheck,
     /// Not about a process: answered once every event sent before it has been applied.
     Barrier(tokio::sync::oneshot::Sender<()>),
 }

@@ -24,6 +24,7 @@ use crate::backend::{
     Backend, ProcessEvent, ProcessEventKind, ProcessEvents, Simulated, StartSpec,
 };
 use crate::store::{Commit, MemoryStore, Record, Store};
+use chrono::{DateTime, Utc};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap;
 use std::collections::VecDeque;
@@ -71,6 +72,7 @@ impl std::fmt::Debug for Scheduler {
 struct Inner {
     regions: Vec<String>,
     limits: Limits,
+    default_policy: RegionPolicy,
     retained_destroyed_rooms: usize,
     clock: Arc<dyn Clock>,
     backend: Arc<dyn Backend>,
@@ -93,6 +95,8 @@ struct App {
     /// within an app across regions; an entry is inserted under the room's shard lock.
     rooms: DashMap<String, usize>,
     shards: Box<[OnceLock<Arc<Shard>>]>,
+    /// The policy of a region until SetRegionPolicy changes it.
+    default_policy: RegionPolicy,
 }
 
 struct Shard {
@@ -111,7 +115,7 @@ impl App {
     fn shard(&self, region: usize) -> &Arc<Shard> {
         self.shards[region].get_or_init(|| {
             Arc::new(Shard {
-                state: Mutex::default(),
+                state: Mutex::new(ShardState::new(self.default_policy)),
                 changes: watch::Sender::new(0),
             })
         })
@@ -176,6 +180,7 @@ pub struct SchedulerBuilder {
     store: Option<Arc<dyn Store>>,
     clock: Option<Arc<dyn Clock>>,
     limits: Limits,
+    default_policy: RegionPolicy,
     retained_destroyed_rooms: usize,
 }
 
@@ -186,8 +191,8 @@ impl Default for SchedulerBuilder {
             backend: None,
             store: None,
             clock: None,
+            default_policy: RegionPolicy::default(),
             limits: Limits {
-                max_processes: 1000,
                 idle_timeout: Duration::from_secs(300),
                 stop_grace: Duration::from_secs(10),
                 start_timeout: Duration::from_secs(100),
@@ -251,9 +256,17 @@ impl SchedulerBuilder {
         self
     }
 
-    /// Live processes (STARTING, RUNNING, DRAINING) allowed per app and region (default 1000).
+    /// Live processes (STARTING, RUNNING, DRAINING) allowed per app and region, until a
+    /// region policy says otherwise (default 1000).
     pub fn max_processes(mut self, n: u32) -> Self {
-        self.limits.max_processes = n;
+        self.default_policy.max_processes = n;
+        self
+    }
+
+    /// The policy of every (app, region) until SetRegionPolicy changes it (default: no warm
+    /// pool, at most 1000 processes).
+    pub fn default_region_policy(mut self, policy: RegionPolicy) -> Self {
+        self.default_policy = policy;
         self
     }
 
@@ -269,6 +282,7 @@ impl SchedulerBuilder {
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
             Error::FailedPrecondition("Scheduler::build must run inside a Tokio runtime".into())
         })?;
+        validate::region_policy(&self.default_policy)?;
         if self.regions.is_empty() {
             return Err(Error::invalid(
                 "regions",
@@ -290,6 +304,7 @@ impl SchedulerBuilder {
         let inner = Arc::new(Inner {
             regions: self.regions,
             limits: self.limits,
+            default_policy: self.default_policy,
             retained_destroyed_rooms: self.retained_destroyed_rooms,
             clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
             backend: self
@@ -392,13 +407,19 @@ impl Scheduler {
         }
     }
 
-    fn ctx<'a>(&'a self, app: &'a App, region: usize) -> Ctx<'a> {
+    /// The inputs of a change of `state` (whose lock the caller holds).
+    fn ctx<'a>(&'a self, app: &'a App, region: usize, state: &ShardState) -> Ctx<'a> {
         Ctx {
             app_id: &app.app_id,
             region: &self.inner.regions[region],
             now: self.inner.clock.now(),
             instant: tokio::time::Instant::now(),
             limits: &self.inner.limits,
+            latest: if state.policy.wants_pool() {
+                app.latest().ok()
+            } else {
+                None
+            },
         }
     }
 
@@ -418,7 +439,13 @@ impl Scheduler {
         let mut txn = Txn::new(self.inner.store.wants_records());
         let (out, commit) = {
             let mut state = shard.lock();
-            let out = f(&mut state, &self.ctx(app, region), &mut txn);
+            let ctx = self.ctx(app, region, &state);
+            let out = f(&mut state, &ctx, &mut txn);
+            if out.is_ok() {
+                // A policy change may have just asked for a pool: look at the state as it is now.
+                let ctx = self.ctx(app, region, &state);
+                state.reconcile_pool(&ctx, &mut txn);
+            }
             for effect in &txn.effects {
                 if let Effect::Start { process_id, .. } = effect {
                     self.inner
@@ -497,6 +524,10 @@ impl Scheduler {
                 process_id,
                 deadline,
             } => self.timer(process_id, deadline, ProcessEventKind::IdleCheck),
+            Effect::PoolTimer {
+                process_id,
+                deadline,
+            } => self.timer(process_id, deadline, ProcessEventKind::PoolCheck),
         }
     }
 
@@ -574,7 +605,8 @@ impl Scheduler {
                 ProcessEventKind::LaunchFailed(err) => state.on_launch_failed(ctx, pid, &err, txn),
                 ProcessEventKind::StartTimeout => state.on_start_timeout(ctx, pid, txn),
                 ProcessEventKind::IdleCheck => state.on_idle_timer(ctx, pid, txn),
-                ProcessEventKind::Barrier(_) => {}
+                // The warm pool is reconciled after every change, this empty one included.
+                ProcessEventKind::PoolCheck | ProcessEventKind::Barrier(_) => {}
             }
             Ok(())
         })
@@ -605,6 +637,7 @@ impl Scheduler {
                         shards: (0..self.inner.regions.len())
                             .map(|_| OnceLock::new())
                             .collect(),
+                        default_policy: self.inner.default_policy,
                     })
                 })
                 .value(),
@@ -963,6 +996,93 @@ impl Scheduler {
                 .ok_or_else(|| process_not_found(process_id))
         })
         .await
+    }
+}
+
+impl Scheduler {
+    // ----- capacity --------------------------------------------------------------------
+
+    /// Sets the capacity policy of one app in one region; it takes effect at once (a larger
+    /// minimum or buffer starts processes before this returns).
+    pub async fn set_region_policy(
+        &self,
+        app_id: &str,
+        region: &str,
+        policy: RegionPolicy,
+    ) -> Result<RegionPolicy> {
+        validate::app_id(app_id)?;
+        let region = validate::region(&self.inner.regions, region)?;
+        validate::region_policy(&policy)?;
+        self.check_open()?;
+        let app = self.app(app_id)?;
+        let app_id = app.app_id.clone();
+        let region_name = self.inner.regions[region].clone();
+        self.change(&app, region, move |state, _ctx, txn| {
+            state.policy = policy;
+            if let Some(records) = txn.records.as_mut() {
+                records.push(Record::RegionPolicy {
+                    app_id,
+                    region: region_name,
+                    policy,
+                });
+            }
+            Ok(policy)
+        })
+        .await
+    }
+
+    /// The policy of one app in one region (the server's default until set).
+    pub async fn get_region_policy(&self, app_id: &str, region: &str) -> Result<RegionPolicy> {
+        validate::app_id(app_id)?;
+        let region = validate::region(&self.inner.regions, region)?;
+        let app = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value()));
+        Ok(match app.as_ref().and_then(|a| a.existing_shard(region)) {
+            Some(shard) => shard.lock().policy,
+            None => self.inner.default_policy,
+        })
+    }
+
+    /// What each region (all when `regions` is empty) cost in `[start, end)`; `end` defaults
+    /// to now and `start` to the beginning of time.
+    pub async fn usage(
+        &self,
+        app_id: &str,
+        regions: &[String],
+        start: Option<DateTime<Utc>>,
+        end: Option<DateTime<Utc>>,
+    ) -> Result<Vec<RegionUsage>> {
+        let filter = ProcessFilter {
+            app_id: app_id.to_string(),
+            statuses: vec![],
+            regions: regions.to_vec(),
+        };
+        validate::app_id(app_id)?;
+        let regions = self.filtered_regions(&filter)?;
+        let now = self.inner.clock.now();
+        let start = start.unwrap_or(DateTime::<Utc>::MIN_UTC);
+        let end = end.unwrap_or(now);
+        if start >= end {
+            return Err(Error::invalid(
+                "start",
+                format!("{start} is not before end ({end})"),
+            ));
+        }
+        let app = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value()));
+        Ok(regions
+            .into_iter()
+            .map(|region| {
+                let name = &self.inner.regions[region];
+                match app.as_ref().and_then(|a| a.existing_shard(region)) {
+                    Some(shard) => shard.lock().usage(name, start, end, now),
+                    None => RegionUsage {
+                        region: name.clone(),
+                        billed_process_seconds: 0.0,
+                        rooms_created: 0,
+                        peak_processes: 0,
+                    },
+                }
+            })
+            .collect())
     }
 }
 

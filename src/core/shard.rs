@@ -17,12 +17,12 @@
 use super::error::{Error, Result};
 use super::types::{
     ConnectionInfo, ConnectionStatus, Deployment, ExposedPort, PlacementStrategy, Process,
-    ProcessId, ProcessStatus, Room, RoomAllocation, RoomStatus,
+    ProcessId, ProcessStatus, RegionPolicy, RegionUsage, Room, RoomAllocation, RoomStatus,
 };
 use crate::backend::ExitStatus;
 use crate::store::Record;
 use chrono::{DateTime, Utc};
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -31,10 +31,9 @@ use uuid::Uuid;
 /// How many times a room is placed before a failing start destroys it (SPEC §4).
 pub(crate) const MAX_PLACEMENT_ATTEMPTS: u8 = 3;
 
-/// Settings the shard's rules depend on.
+/// Server-wide settings the shard's rules depend on.
 #[derive(Debug, Clone)]
 pub(crate) struct Limits {
-    pub(crate) max_processes: u32,
     pub(crate) idle_timeout: Duration,
     pub(crate) stop_grace: Duration,
     pub(crate) start_timeout: Duration,
@@ -47,7 +46,13 @@ pub(crate) struct Ctx<'a> {
     pub(crate) now: DateTime<Utc>,
     pub(crate) instant: Instant,
     pub(crate) limits: &'a Limits,
+    /// The app's latest deployment, when the shard's policy keeps a warm pool of it.
+    pub(crate) latest: Option<Arc<Deployment>>,
 }
+
+/// After a pool process failed to start, the warm pool waits this long before starting
+/// another, so a deployment that cannot start does not spin.
+pub(crate) const POOL_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Something to do once the shard lock is released.
 #[derive(Debug)]
@@ -70,6 +75,11 @@ pub(crate) enum Effect {
     },
     /// Check this process for idleness at `deadline`.
     IdleTimer {
+        process_id: ProcessId,
+        deadline: Instant,
+    },
+    /// Reconcile the warm pool of this process's shard at `deadline`.
+    PoolTimer {
         process_id: ProcessId,
         deadline: Instant,
     },
@@ -103,11 +113,15 @@ struct IndexKey {
     key: (u32, DateTime<Utc>, ProcessId),
 }
 
-/// Processes of one deployment that can take a room, best first.
+/// Processes of one deployment that can take a room, best first, and what they add up to.
 #[derive(Debug, Default)]
 struct DeploymentIndex {
     running: BTreeSet<(u32, DateTime<Utc>, ProcessId)>,
     starting: BTreeSet<(u32, DateTime<Utc>, ProcessId)>,
+    /// RUNNING processes and STARTING ones without a drain request (full ones included).
+    available_processes: u32,
+    /// Free slots on those processes.
+    free_slots: u64,
 }
 
 #[derive(Debug)]
@@ -136,6 +150,24 @@ impl ProcessEntry {
         let mut p = self.process.clone();
         p.rooms_allocated = self.rooms.len() as u32;
         p
+    }
+
+    /// RUNNING, or STARTING without a drain request: counts toward the warm pool.
+    fn available(&self) -> bool {
+        match self.process.status {
+            ProcessStatus::Running => true,
+            ProcessStatus::Starting => !self.drain_requested,
+            _ => false,
+        }
+    }
+
+    /// (processes, free slots) this process adds to its deployment's pool.
+    fn pool_share(&self) -> (u32, u64) {
+        if self.available() {
+            (1, u64::from(self.free_slots()))
+        } else {
+            (0, 0)
+        }
     }
 
     fn index_key(&self) -> Option<IndexKey> {
@@ -192,9 +224,21 @@ pub(crate) struct ShardState {
     rooms: HashMap<String, RoomEntry>,
     index: HashMap<u32, DeploymentIndex>,
     live_processes: u32,
+    pub(crate) policy: RegionPolicy,
+    /// The warm pool starts nothing before this (set after a process failed to start).
+    pool_paused_until: Option<Instant>,
+    /// Rooms created per unix second, for usage reports.
+    rooms_created: BTreeMap<i64, u64>,
 }
 
 impl ShardState {
+    pub(crate) fn new(policy: RegionPolicy) -> Self {
+        ShardState {
+            policy,
+            ..Default::default()
+        }
+    }
+
     // ----- reads -------------------------------------------------------------------------
 
     pub(crate) fn process(&self, id: ProcessId) -> Option<Process> {
@@ -321,6 +365,50 @@ impl ShardState {
         )
     }
 
+    /// What the region cost in `[start, end)`, as of `now`.
+    pub(crate) fn usage(
+        &self,
+        region: &str,
+        start: DateTime<Utc>,
+        end: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> RegionUsage {
+        let clip = |from: DateTime<Utc>, to: DateTime<Utc>| (from.max(start), to.min(end));
+        let mut billed = chrono::Duration::zero();
+        let mut edges: Vec<(DateTime<Utc>, i32)> = Vec::new();
+        for e in self.processes.values() {
+            let p = &e.process;
+            if let Some(started) = p.started_at {
+                let stopped = p.stopping_at.or(p.terminated_at).unwrap_or(now);
+                let (a, b) = clip(started, stopped);
+                if a < b {
+                    billed += b - a;
+                }
+            }
+            let (a, b) = clip(p.created_at, p.terminated_at.unwrap_or(now.max(end)));
+            if a < b {
+                edges.push((a, 1));
+                edges.push((b, -1));
+            }
+        }
+        // At equal times an end comes before a start: back-to-back processes are not
+        // concurrent.
+        edges.sort();
+        let (mut alive, mut peak) = (0i32, 0i32);
+        for (_, delta) in edges {
+            alive += delta;
+            peak = peak.max(alive);
+        }
+        let seconds =
+            start.timestamp()..end.timestamp() + i64::from(end.timestamp_subsec_nanos() > 0);
+        RegionUsage {
+            region: region.to_string(),
+            billed_process_seconds: billed.num_milliseconds() as f64 / 1000.0,
+            rooms_created: self.rooms_created.range(seconds).map(|(_, n)| n).sum(),
+            peak_processes: peak as u32,
+        }
+    }
+
     // ----- bookkeeping helpers -----------------------------------------------------------
 
     fn record_process(&self, pid: ProcessId, txn: &mut Txn) {
@@ -339,12 +427,22 @@ impl ShardState {
     /// whatever `f` changed.
     fn update<T>(&mut self, pid: ProcessId, f: impl FnOnce(&mut ProcessEntry) -> T) -> Option<T> {
         let entry = self.processes.get_mut(&pid)?;
-        let (old_key, was_live) = (entry.index_key(), entry.process.status.is_live());
+        let (old_key, was_live, old_share) = (
+            entry.index_key(),
+            entry.process.status.is_live(),
+            entry.pool_share(),
+        );
         let out = f(entry);
-        let (new_key, is_live) = (entry.index_key(), entry.process.status.is_live());
+        let (new_key, is_live, new_share) = (
+            entry.index_key(),
+            entry.process.status.is_live(),
+            entry.pool_share(),
+        );
         let dep = entry.process.deployment_id;
+        let idx = self.index.entry(dep).or_default();
+        idx.available_processes = idx.available_processes - old_share.0 + new_share.0;
+        idx.free_slots = idx.free_slots - old_share.1 + new_share.1;
         if old_key != new_key {
-            let idx = self.index.entry(dep).or_default();
             if let Some(k) = old_key {
                 if k.running {
                     idx.running.remove(&k.key)
@@ -426,6 +524,7 @@ impl ShardState {
             },
         );
         self.record_room(ctx.app_id, room_id, txn);
+        *self.rooms_created.entry(ctx.now.timestamp()).or_default() += 1;
         Ok(pid)
     }
 
@@ -437,11 +536,11 @@ impl ShardState {
         initial_room: Option<(String, String)>,
         txn: &mut Txn,
     ) -> Result<ProcessId> {
-        if self.live_processes >= ctx.limits.max_processes {
+        if self.live_processes >= self.policy.max_processes {
             return Err(Error::ResourceExhausted {
                 message: format!(
                     "region {} of app {} is at its limit of {} processes and no process has a free slot",
-                    ctx.region, ctx.app_id, ctx.limits.max_processes
+                    ctx.region, ctx.app_id, self.policy.max_processes
                 ),
                 retry_after: Duration::from_secs(1),
             });
@@ -473,13 +572,13 @@ impl ShardState {
             idle_since: None,
             idle_timer_armed: false,
         };
+        let idx = self.index.entry(dep.deployment_id).or_default();
         if let Some(k) = entry.index_key() {
-            self.index
-                .entry(dep.deployment_id)
-                .or_default()
-                .starting
-                .insert(k.key);
+            idx.starting.insert(k.key);
         }
+        let share = entry.pool_share();
+        idx.available_processes += share.0;
+        idx.free_slots += share.1;
         self.processes.insert(pid, entry);
         self.live_processes += 1;
         tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, deployment_id = dep.deployment_id, "process starting");
@@ -827,6 +926,16 @@ impl ShardState {
             return;
         };
         tracing::warn!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, reason, "process failed to start");
+        if self.policy.wants_pool() {
+            // Do not let the warm pool replace it at once: a deployment that cannot start
+            // would spin. The pool resumes after a pause.
+            let deadline = ctx.instant + POOL_RETRY_DELAY;
+            self.pool_paused_until = Some(deadline);
+            txn.effects.push(Effect::PoolTimer {
+                process_id: pid,
+                deadline,
+            });
+        }
         let dep = Arc::clone(&self.processes[&pid].deployment);
         for room_id in rooms {
             let attempts = self
@@ -893,8 +1002,61 @@ impl ShardState {
             });
             return;
         }
-        e.idle_timer_armed = false;
+        if self.needed_by_pool(ctx, pid) {
+            // Kept for the region's minimum or buffer; look again after another idle period.
+            let deadline = ctx.instant + ctx.limits.idle_timeout;
+            txn.effects.push(Effect::IdleTimer {
+                process_id: pid,
+                deadline,
+            });
+            return;
+        }
+        if let Some(e) = self.processes.get_mut(&pid) {
+            e.idle_timer_armed = false;
+        }
         self.stop(ctx, pid, "idle timeout", txn);
+    }
+
+    /// Whether stopping this (empty, RUNNING) process would take the warm pool below the
+    /// policy's minimum or buffer.
+    fn needed_by_pool(&self, ctx: &Ctx<'_>, pid: ProcessId) -> bool {
+        let (Some(latest), Some(e)) = (&ctx.latest, self.processes.get(&pid)) else {
+            return false;
+        };
+        if e.process.deployment_id != latest.deployment_id {
+            return false;
+        }
+        let Some(idx) = self.index.get(&latest.deployment_id) else {
+            return false;
+        };
+        let (procs, free) = e.pool_share();
+        idx.available_processes - procs < self.policy.min_processes
+            || idx.free_slots - free < u64::from(self.policy.buffer_rooms)
+    }
+
+    /// Starts processes of the latest deployment until the region has its minimum of
+    /// processes and its buffer of free slots, within the process limit. Runs at the end of
+    /// every change of the shard, under its lock, so placements and the pool never count the
+    /// same free slot twice.
+    pub(crate) fn reconcile_pool(&mut self, ctx: &Ctx<'_>, txn: &mut Txn) {
+        let Some(latest) = &ctx.latest else { return };
+        if !self.policy.wants_pool() || self.pool_paused_until.is_some_and(|t| t > ctx.instant) {
+            return;
+        }
+        loop {
+            let (procs, free) = self
+                .index
+                .get(&latest.deployment_id)
+                .map_or((0, 0), |i| (i.available_processes, i.free_slots));
+            let short =
+                procs < self.policy.min_processes || free < u64::from(self.policy.buffer_rooms);
+            if !short || self.live_processes >= self.policy.max_processes {
+                return;
+            }
+            if self.new_process(ctx, latest, None, txn).is_err() {
+                return;
+            }
+        }
     }
 
     /// The backend could not launch the process.
@@ -943,7 +1105,6 @@ mod tests {
 
     fn limits() -> Limits {
         Limits {
-            max_processes: 100,
             idle_timeout: Duration::from_secs(300),
             stop_grace: Duration::from_secs(10),
             start_timeout: Duration::from_secs(100),
@@ -973,6 +1134,7 @@ mod tests {
             now: Utc.timestamp_opt(second, 0).unwrap(),
             instant: Instant::now(),
             limits,
+            latest: None,
         }
     }
 
@@ -1086,7 +1248,7 @@ mod tests {
     #[test]
     fn a_new_process_only_when_nothing_has_a_slot_and_never_past_the_limit() {
         let mut f = Fixture::new(1, PlacementStrategy::MostFree);
-        f.limits.max_processes = 2;
+        f.state.policy.max_processes = 2;
         let first = f.room().unwrap();
         let second = f.room().unwrap();
         assert_ne!(first, second);

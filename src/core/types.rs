@@ -232,3 +232,46 @@ pub struct ProcessPage {
     /// `None` on the last page.
     pub next_page_token: Option<String>,
 }
+
+/// Capacity rules of one app in one region (SPEC §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegionPolicy {
+    /// Keep at least this many processes of the latest deployment alive (a warm pool).
+    pub min_processes: u32,
+    /// Keep at least this many free slots on RUNNING or STARTING processes of the latest
+    /// deployment, starting processes ahead of demand.
+    pub buffer_rooms: u32,
+    /// Live processes (STARTING, RUNNING, DRAINING) allowed; past it, placements that need a
+    /// new process fail with RESOURCE_EXHAUSTED.
+    pub max_processes: u32,
+}
+
+impl Default for RegionPolicy {
+    fn default() -> Self {
+        RegionPolicy {
+            min_processes: 0,
+            buffer_rooms: 0,
+            max_processes: 1000,
+        }
+    }
+}
+
+impl RegionPolicy {
+    /// Whether the policy asks for processes ahead of demand.
+    pub fn wants_pool(&self) -> bool {
+        self.min_processes > 0 || self.buffer_rooms > 0
+    }
+}
+
+/// What one region of an app cost over a time window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegionUsage {
+    pub region: String,
+    /// Seconds of processes between `started_at` and `stopping_at` (or `terminated_at`, or
+    /// now), inside the window.
+    pub billed_process_seconds: f64,
+    /// Rooms created in the window (one-second resolution).
+    pub rooms_created: u64,
+    /// Most processes alive at once in the window (from `created_at` to `terminated_at`).
+    pub peak_processes: u32,
+}

@@ -2,7 +2,7 @@
 //! state, so a refused request changes nothing.
 
 use super::error::{Error, Result};
-use super::types::{ContainerPort, DeploymentSpec};
+use super::types::{ContainerPort, DeploymentSpec, RegionPolicy};
 use std::collections::HashSet;
 
 pub(crate) const MAX_ROOM_CONFIG_BYTES: usize = 10_000;
@@ -12,6 +12,8 @@ pub(crate) const MAX_ENV_VARS: usize = 100;
 pub(crate) const MAX_ENV_VALUE_BYTES: usize = 5_000;
 pub(crate) const MAX_COMMAND_ARGS: usize = 1_000;
 pub(crate) const MAX_COMMAND_ARG_BYTES: usize = 10_000;
+pub(crate) const MAX_PROCESSES_PER_REGION: u32 = 100_000;
+pub(crate) const MAX_BUFFER_ROOMS: u32 = 10_000_000;
 
 /// `^[A-Za-z0-9_-]{1,100}$`
 fn is_id(s: &str) -> bool {
@@ -168,6 +170,34 @@ pub(crate) fn deployment(spec: &DeploymentSpec) -> Result<u16> {
     Ok(main_port)
 }
 
+pub(crate) fn region_policy(p: &RegionPolicy) -> Result<()> {
+    if p.max_processes > MAX_PROCESSES_PER_REGION {
+        return Err(Error::invalid(
+            "max_processes",
+            format!(
+                "{} is over the limit of {MAX_PROCESSES_PER_REGION}",
+                p.max_processes
+            ),
+        ));
+    }
+    if p.min_processes > p.max_processes {
+        return Err(Error::invalid(
+            "min_processes",
+            format!(
+                "{} is more than max_processes ({})",
+                p.min_processes, p.max_processes
+            ),
+        ));
+    }
+    if p.buffer_rooms > MAX_BUFFER_ROOMS {
+        return Err(Error::invalid(
+            "buffer_rooms",
+            format!("{} is over the limit of {MAX_BUFFER_ROOMS}", p.buffer_rooms),
+        ));
+    }
+    Ok(())
+}
+
 fn additional_ports(ports: &[ContainerPort]) -> Result<()> {
     if ports.len() > MAX_ADDITIONAL_PORTS {
         return Err(Error::invalid(
@@ -237,6 +267,47 @@ mod tests {
             &"F".repeat(300),
         ] {
             assert_eq!(field(region(&regions, bad)), "region", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn region_policy_rules() {
+        let ok = RegionPolicy {
+            min_processes: 2,
+            buffer_rooms: 6,
+            max_processes: 3,
+        };
+        assert!(region_policy(&ok).is_ok());
+        assert!(region_policy(&RegionPolicy {
+            max_processes: 0,
+            ..Default::default()
+        })
+        .is_ok());
+        let bad = [
+            (
+                RegionPolicy {
+                    min_processes: 4,
+                    ..ok
+                },
+                "min_processes",
+            ),
+            (
+                RegionPolicy {
+                    max_processes: 100_001,
+                    ..ok
+                },
+                "max_processes",
+            ),
+            (
+                RegionPolicy {
+                    buffer_rooms: 10_000_001,
+                    ..ok
+                },
+                "buffer_rooms",
+            ),
+        ];
+        for (p, expected) in bad {
+            assert_eq!(field(region_policy(&p)), expected, "{p:?}");
         }
     }
 

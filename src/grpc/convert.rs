@@ -286,3 +286,22 @@ pub fn process_filter(
         regions,
     })
 }
+
+pub fn region_policy(app_id: String, region: String, p: RegionPolicy) -> pb::RegionPolicy {
+    pb::RegionPolicy {
+        app_id,
+        region,
+        min_processes: p.min_processes,
+        buffer_rooms: p.buffer_rooms,
+        max_processes: p.max_processes,
+    }
+}
+
+pub fn region_usage(u: RegionUsage) -> pb::RegionUsage {
+    pb::RegionUsage {
+        region: u.region,
+        billed_process_seconds: u.billed_process_seconds,
+        rooms_created: u.rooms_created,
+        peak_processes: u.peak_processes,
+    }
+}

@@ -6,7 +6,7 @@ use super::pb::app_service_server::AppService;
 use super::pb::deployment_service_server::DeploymentService;
 use super::pb::process_service_server::ProcessService;
 use super::pb::room_service_server::RoomService;
-use crate::core::types::DeploymentSpec;
+use crate::core::types::{DeploymentSpec, RegionPolicy};
 use crate::Scheduler;
 use std::pin::Pin;
 use tokio_stream::wrappers::ReceiverStream;
@@ -27,7 +27,7 @@ pub struct ProcessApi(pub Scheduler);
 #[derive(Debug, Clone)]
 pub struct DeploymentApi(pub Scheduler);
 
-/// `roomsched.v1.AppService` (capacity policies and usage are not implemented yet).
+/// `roomsched.v1.AppService`: capacity policies and usage.
 #[derive(Debug, Clone)]
 pub struct AppApi(pub Scheduler);
 
@@ -240,27 +240,53 @@ impl DeploymentService for DeploymentApi {
     }
 }
 
-fn capacity_not_yet() -> Status {
-    Status::unimplemented("region policies and usage are not implemented yet")
-}
-
 #[tonic::async_trait]
 impl AppService for AppApi {
     async fn set_region_policy(
         &self,
-        _req: Request<pb::SetRegionPolicyRequest>,
+        req: Request<pb::SetRegionPolicyRequest>,
     ) -> Reply<pb::RegionPolicy> {
-        Err(capacity_not_yet())
+        let r = req.into_inner();
+        let policy = RegionPolicy {
+            min_processes: r.min_processes,
+            buffer_rooms: r.buffer_rooms,
+            max_processes: r.max_processes,
+        };
+        let set = self
+            .0
+            .set_region_policy(&r.app_id, &r.region, policy)
+            .await?;
+        Ok(Response::new(convert::region_policy(
+            r.app_id, r.region, set,
+        )))
     }
 
     async fn get_region_policy(
         &self,
-        _req: Request<pb::GetRegionPolicyRequest>,
+        req: Request<pb::GetRegionPolicyRequest>,
     ) -> Reply<pb::RegionPolicy> {
-        Err(capacity_not_yet())
+        let r = req.into_inner();
+        let policy = self.0.get_region_policy(&r.app_id, &r.region).await?;
+        Ok(Response::new(convert::region_policy(
+            r.app_id, r.region, policy,
+        )))
     }
 
-    async fn get_usage(&self, _req: Request<pb::GetUsageRequest>) -> Reply<pb::Usage> {
-        Err(capacity_not_yet())
+    async fn get_usage(&self, req: Request<pb::GetUsageRequest>) -> Reply<pb::Usage> {
+        let r = req.into_inner();
+        let start = r
+            .start
+            .as_ref()
+            .map(|t| convert::from_timestamp("start", t))
+            .transpose()?;
+        let end = r
+            .end
+            .as_ref()
+            .map(|t| convert::from_timestamp("end", t))
+            .transpose()?;
+        let usage = self.0.usage(&r.app_id, &r.regions, start, end).await?;
+        Ok(Response::new(pb::Usage {
+            regions: usage.into_iter().map(convert::region_usage).collect(),
+        }))
     }
 }

@@ -5,7 +5,7 @@
 
 pub mod memory;
 
-use crate::core::types::{Deployment, Process, Room};
+use crate::core::types::{Deployment, Process, RegionPolicy, Room};
 
 pub use memory::MemoryStore;
 
@@ -15,6 +15,11 @@ pub enum Record {
     Deployment(Deployment),
     Process(Process),
     Room(Room),
+    RegionPolicy {
+        app_id: String,
+        region: String,
+        policy: RegionPolicy,
+    },
     /// A destroyed room left the retention window.
     RoomForgotten {
         app_id: String,
