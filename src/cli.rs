@@ -50,6 +50,8 @@ pub enum Command {
     /// Capacity policy of an app in a region: warm pool and process limit.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Load generator: throughput and latency percentiles of a server (or the library).
+    Bench(crate::bench::BenchArgs),
     /// Billed process-seconds, rooms created and peak processes per region.
     Usage {
         #[command(flatten)]
@@ -99,7 +101,7 @@ pub enum PolicyCommand {
     },
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 2s, 5m)"))
 }
 
@@ -393,6 +395,8 @@ pub enum CliError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Scheduler(#[from] crate::Error),
+    #[error("bench: {0}")]
+    Bench(#[from] crate::bench::BenchError),
 }
 
 /// Runs `roomsched serve` until SIGINT or SIGTERM.
@@ -492,6 +496,10 @@ pub async fn run(command: Command) -> Result<(), CliError> {
         Command::Process(cmd) => process(cmd).await,
         Command::Deployment(cmd) => deployment(cmd).await,
         Command::Policy(cmd) => policy(cmd).await,
+        Command::Bench(args) => {
+            crate::bench::run(args).await?;
+            Ok(())
+        }
         Command::Usage {
             client,
             app,

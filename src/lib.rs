@@ -9,7 +9,7 @@
 //! The crate is three things:
 //! - this library: [`Scheduler`], usable in-process with no network hop;
 //! - a gRPC service (`roomsched serve`, feature `server`, on by default): [`server`];
-//! - a command-line client and load generator (the `roomsched` binary).
+//! - a command-line client and load generator (the `roomsched` binary; [`bench`]).
 //!
 //! ```
 //! use roomsched::{backend::Simulated, CreateRoom, DeploymentSpec, Scheduler};
@@ -39,6 +39,8 @@ pub mod backend;
 pub mod core;
 pub mod store;
 
+#[cfg(feature = "server")]
+pub mod bench;
 #[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]

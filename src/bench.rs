@@ -1,0 +1,770 @@
+//! `roomsched bench`: the load generator. It drives any roomsched server over gRPC (or the
+//! library in-process with `--embedded`) and reports throughput and HDR-histogram latency
+//! percentiles. It sets up its own app and deployment and removes the rooms and processes it
+//! created.
+//!
+//! Closed loop (default): `--concurrency` workers each send the next request as soon as the
+//! previous one is answered. Open loop (`--rate R`): requests are due at a fixed rate and each
+//! latency is measured from the time the request was due, so queueing is not hidden.
+
+use crate::grpc::pb;
+use crate::grpc::pb::app_service_client::AppServiceClient;
+use crate::grpc::pb::deployment_service_client::DeploymentServiceClient;
+use crate::grpc::pb::process_service_client::ProcessServiceClient;
+use crate::grpc::pb::room_service_client::RoomServiceClient;
+use crate::{CreateRoom, DeploymentSpec, RegionPolicy, Scheduler};
+use clap::{Args, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// CreateRoom then DestroyRoom of that room, repeatedly (each call is one request).
+    CreateDestroy,
+    /// CreateRoom only; the rooms are destroyed after the run.
+    Create,
+    /// GetConnectionInfo of rooms created before the run.
+    GetConnectionInfo,
+    /// grpc.health.v1.Health/Check: the transport's own ceiling on the same server.
+    Health,
+}
+
+impl Workload {
+    fn name(self) -> &'static str {
+        match self {
+            Workload::CreateDestroy => "create-destroy",
+            Workload::Create => "create",
+            Workload::GetConnectionInfo => "get-connection-info",
+            Workload::Health => "health",
+        }
+    }
+}
+
+/// `roomsched bench` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Address of the roomsched server to drive.
+    #[arg(long, env = "ROOMSCHED_ADDR", default_value = "http://127.0.0.1:50051")]
+    pub addr: String,
+    #[arg(long, value_enum, default_value = "create-destroy")]
+    pub workload: Workload,
+    /// Requests in flight at once (closed loop: workers; open loop: the cap on in-flight calls).
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// HTTP/2 connections the workers share.
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// How long to measure (after a warm-up of a tenth of it, at most 2 s).
+    #[arg(long, value_parser = crate::cli::duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Regions the rooms go to, round-robin (must be configured on the server).
+    #[arg(long, value_delimiter = ',', default_value = "Frankfurt")]
+    pub regions: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    pub rooms_per_process: u32,
+    /// Open loop: requests per second due at a fixed rate (default: closed loop).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Also run this workload on the same target, alternating with the main one, and print
+    /// the ratio of their throughputs (e.g. `--compare health`).
+    #[arg(long, value_enum)]
+    pub compare: Option<Workload>,
+    /// Rounds of the main and the compared workload when comparing.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Drive the library in-process instead of a server (no network).
+    #[arg(long)]
+    pub embedded: bool,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub workload: &'static str,
+    pub mode: String,
+    pub requests: u64,
+    pub errors: u64,
+    pub seconds: f64,
+    pub latency_us: Histogram<u64>,
+}
+
+impl Report {
+    pub fn requests_per_second(&self) -> f64 {
+        self.requests as f64 / self.seconds
+    }
+
+    fn ms(&self, q: f64) -> f64 {
+        self.latency_us.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "workload": self.workload,
+            "mode": self.mode,
+            "requests": self.requests,
+            "errors": self.errors,
+            "duration_s": self.seconds,
+            "requests_per_second": self.requests_per_second(),
+            "latency_ms": {
+                "p50": self.ms(0.50),
+                "p90": self.ms(0.90),
+                "p99": self.ms(0.99),
+                "p999": self.ms(0.999),
+                "max": self.latency_us.max() as f64 / 1000.0,
+            },
+        })
+    }
+
+    fn print(&self) {
+        println!("workload     {} ({})", self.workload, self.mode);
+        println!(
+            "requests     {} in {:.1}s, {} errors",
+            self.requests, self.seconds, self.errors
+        );
+        println!("throughput   {:.0} requests/s", self.requests_per_second());
+        println!(
+            "latency ms   p50 {:.3}  p90 {:.3}  p99 {:.3}  p99.9 {:.3}  max {:.3}",
+            self.ms(0.50),
+            self.ms(0.90),
+            self.ms(0.99),
+            self.ms(0.999),
+            self.latency_us.max() as f64 / 1000.0
+        );
+    }
+}
+
+/// One target: a server over gRPC, or a scheduler in this process.
+#[derive(Clone)]
+enum Target {
+    Grpc(Vec<Channel>),
+    Embedded(Scheduler),
+}
+
+/// A request could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("{0}")]
+    Setup(String),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Call(#[from] tonic::Status),
+    #[error(transparent)]
+    Scheduler(#[from] crate::Error),
+    #[error("cannot reach {addr} (is `roomsched serve` running there?): {source}")]
+    Connect {
+        addr: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Runs `roomsched bench`; prints the report (or reports) and returns them.
+pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
+    if args.concurrency == 0 || args.connections == 0 || args.regions.is_empty() {
+        return Err(BenchError::Setup(
+            "--concurrency, --connections and --regions must not be empty".into(),
+        ));
+    }
+    let target = if args.embedded {
+        let scheduler = Scheduler::builder()
+            .regions(args.regions.clone())
+            .backend(crate::backend::Simulated::default())
+            .default_region_policy(RegionPolicy {
+                max_processes: 100_000,
+                ..Default::default()
+            })
+            .retained_destroyed_rooms(100_000)
+            .build()?;
+        Target::Embedded(scheduler)
+    } else {
+        let mut channels = Vec::with_capacity(args.connections);
+        for _ in 0..args.connections {
+            channels.push(connect(&args.addr).await?);
+        }
+        Target::Grpc(channels)
+    };
+    let app = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    setup(&target, &app, &args).await?;
+    let mut reports = Vec::new();
+    let result = async {
+        match args.compare {
+            None => {
+                reports.push(measure(&target, &app, &args, args.workload, args.duration).await?)
+            }
+            Some(other) => {
+                let each = args.duration / (2 * args.rounds.max(1));
+                for _ in 0..args.rounds.max(1) {
+                    reports.push(measure(&target, &app, &args, args.workload, each).await?);
+                    reports.push(measure(&target, &app, &args, other, each).await?);
+                }
+            }
+        }
+        Ok::<_, BenchError>(())
+    }
+    .await;
+    cleanup(&target, &app, &args).await;
+    result?;
+    print_reports(&args, &reports);
+    Ok(reports)
+}
+
+fn print_reports(args: &BenchArgs, reports: &[Report]) {
+    let Some(other) = args.compare else {
+        let r = &reports[0];
+        if args.json {
+            println!("{}", r.to_json());
+        } else {
+            r.print();
+        }
+        return;
+    };
+    let total = |w: Workload| -> (f64, u64) {
+        reports
+            .iter()
+            .filter(|r| r.workload == w.name())
+            .fold((0.0, 0), |(s, n), r| (s + r.seconds, n + r.requests))
+    };
+    let merged = |w: Workload| -> Report {
+        let mut h = Histogram::<u64>::new(3).expect("histogram");
+        let (seconds, requests) = total(w);
+        let mut errors = 0;
+        for r in reports.iter().filter(|r| r.workload == w.name()) {
+            h.add(&r.latency_us).expect("same histogram bounds");
+            errors += r.errors;
+        }
+        Report {
+            workload: w.name(),
+            mode: reports[0].mode.clone(),
+            requests,
+            errors,
+            seconds,
+            latency_us: h,
+        }
+    };
+    let (main, cmp) = (merged(args.workload), merged(other));
+    let ratio = main.requests_per_second() / cmp.requests_per_second();
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "workload": main.to_json(),
+                "compare": cmp.to_json(),
+                "ratio": ratio,
+                "rounds": args.rounds,
+                "requests_per_second": main.requests_per_second(),
+                "latency_ms": main.to_json()["latency_ms"],
+            })
+        );
+    } else {
+        main.print();
+        println!();
+        cmp.print();
+        println!();
+        println!(
+            "ratio        {} / {} = {:.2} ({} alternating rounds)",
+            main.workload, cmp.workload, ratio, args.rounds
+        );
+    }
+}
+
+async fn connect(addr: &str) -> Result<Channel, BenchError> {
+    let uri = if addr.contains("://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    Channel::from_shared(uri.clone())
+        .map_err(|e| BenchError::Setup(format!("bad --addr {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|source| BenchError::Connect { addr: uri, source })
+}
+
+/// The bench's own app: a deployment, a process limit high enough for `create`, and for
+/// get-connection-info one room per worker.
+async fn setup(target: &Target, app: &str, args: &BenchArgs) -> Result<(), BenchError> {
+    let policy = RegionPolicy {
+        min_processes: 0,
+        buffer_rooms: 0,
+        max_processes: 100_000,
+    };
+    match target {
+        Target::Grpc(channels) => {
+            let mut d = DeploymentServiceClient::new(channels[0].clone());
+            d.create_deployment(pb::CreateDeploymentRequest {
+                app_id: app.into(),
+                rooms_per_process: args.rooms_per_process,
+                container_port: 7777,
+                ..Default::default()
+            })
+            .await?;
+            let mut a = AppServiceClient::new(channels[0].clone());
+            for region in &args.regions {
+                a.set_region_policy(pb::SetRegionPolicyRequest {
+                    app_id: app.into(),
+                    region: region.clone(),
+                    min_processes: policy.min_processes,
+                    buffer_rooms: policy.buffer_rooms,
+                    max_processes: policy.max_processes,
+                })
+                .await?;
+            }
+        }
+        Target::Embedded(s) => {
+            let spec = DeploymentSpec {
+                rooms_per_process: args.rooms_per_process,
+                container_port: 7777,
+                ..Default::default()
+            };
+            s.create_deployment(app, spec).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Stops every process of the bench's app (which destroys its rooms).
+async fn cleanup(target: &Target, app: &str, args: &BenchArgs) {
+    let outcome: Result<usize, BenchError> = async {
+        match target {
+            Target::Grpc(channels) => {
+                let mut p = ProcessServiceClient::new(channels[0].clone());
+                let mut ids = Vec::new();
+                let mut page_token = String::new();
+                loop {
+                    let page = p
+                        .list_processes(pb::ListProcessesRequest {
+                            app_id: app.into(),
+                            statuses: vec![],
+                            regions: args.regions.clone(),
+                            page_size: 1000,
+                            page_token,
+                        })
+                        .await?
+                        .into_inner();
+                    ids.extend(page.processes.into_iter().map(|p| p.process_id));
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
+                }
+                for id in &ids {
+                    p.stop_process(pb::StopProcessRequest {
+                        app_id: app.into(),
+                        process_id: id.clone(),
+                    })
+                    .await?;
+                }
+                Ok(ids.len())
+            }
+            Target::Embedded(_) => Ok(0),
+        }
+    }
+    .await;
+    match outcome {
+        Ok(n) => tracing::info!(app, processes = n, "bench cleaned up"),
+        Err(err) => eprintln!("warning: cleanup of app {app} failed: {err}"),
+    }
+}
+
+/// Issues requests of one workload.
+struct Client {
+    target: Target,
+    conn: usize,
+    app: String,
+    regions: Vec<String>,
+    next_region: usize,
+    /// get-connection-info: the room this client reads.
+    room: Option<String>,
+    /// create: rooms to destroy after the run.
+    created: Vec<String>,
+}
+
+impl Client {
+    fn region(&mut self) -> String {
+        self.next_region = (self.next_region + 1) % self.regions.len();
+        self.regions[self.next_region].clone()
+    }
+
+    async fn create(&mut self) -> Result<String, BenchError> {
+        let region = self.region();
+        match &self.target {
+            Target::Grpc(ch) => {
+                let mut c = RoomServiceClient::new(ch[self.conn].clone());
+                let r = c
+                    .create_room(pb::CreateRoomRequest {
+                        app_id: self.app.clone(),
+                        region,
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok(r.into_inner().room_id)
+            }
+            Target::Embedded(s) => {
+                let r = s
+                    .create_room(CreateRoom {
+                        app_id: self.app.clone(),
+                        region,
+                        ..Default::default()
+                    })
+                    .await?;
+                Ok(r.room_id)
+            }
+        }
+    }
+
+    async fn destroy(&mut self, room_id: &str) -> Result<(), BenchError> {
+        match &self.target {
+            Target::Grpc(ch) => {
+                let mut c = RoomServiceClient::new(ch[self.conn].clone());
+                c.destroy_room(pb::DestroyRoomRequest {
+                    app_id: self.app.clone(),
+                    room_id: room_id.into(),
+                })
+                .await?;
+            }
+            Target::Embedded(s) => s.destroy_room(&self.app, room_id).await?,
+        }
+        Ok(())
+    }
+
+    /// One request of `workload`; for create-destroy, alternately a create and a destroy.
+    async fn request(
+        &mut self,
+        workload: Workload,
+        pending: &mut Option<String>,
+    ) -> Result<(), BenchError> {
+        match workload {
+            Workload::CreateDestroy => match pending.take() {
+                Some(room) => self.destroy(&room).await,
+                None => {
+                    *pending = Some(self.create().await?);
+                    Ok(())
+                }
+            },
+            Workload::Create => {
+                let room = self.create().await?;
+                self.created.push(room);
+                Ok(())
+            }
+            Workload::GetConnectionInfo => {
+                if self.room.is_none() {
+                    self.room = Some(self.create().await?);
+                }
+                let room_id = self.room.clone().unwrap_or_default();
+                match &self.target {
+                    Target::Grpc(ch) => {
+                        let mut c = RoomServiceClient::new(ch[self.conn].clone());
+                        c.get_connection_info(pb::GetConnectionInfoRequest {
+                            app_id: self.app.clone(),
+                            room_id,
+                        })
+                        .await?;
+                    }
+                    Target::Embedded(s) => {
+                        s.connection_info(&self.app, &room_id).await?;
+                    }
+                }
+                Ok(())
+            }
+            Workload::Health => match &self.target {
+                Target::Grpc(ch) => {
+                    let mut c = HealthClient::new(ch[self.conn].clone());
+                    c.check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await?;
+                    Ok(())
+                }
+                Target::Embedded(s) => {
+                    s.get_region_policy(&self.app, &self.regions[0]).await?;
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Leaves nothing behind: the half of a create-destroy pair, the rooms of `create`.
+    async fn tidy(&mut self, pending: Option<String>) {
+        let leftovers: Vec<String> = pending
+            .into_iter()
+            .chain(std::mem::take(&mut self.created))
+            .collect();
+        for room in leftovers {
+            let _ = self.destroy(&room).await;
+        }
+    }
+}
+
+struct Shared {
+    histogram: Mutex<Histogram<u64>>,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    /// Requests that end before this are warm-up and not recorded.
+    measure_from: Instant,
+}
+
+impl Shared {
+    fn record(&self, latency: Duration, outcome: Result<(), BenchError>) {
+        if Instant::now() < self.measure_from {
+            return;
+        }
+        match outcome {
+            Ok(()) => {
+                self.requests.fetch_add(1, Ordering::Relaxed);
+                let us = (latency.as_micros() as u64).max(1);
+                let _ = self
+                    .histogram
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .record(us);
+            }
+            Err(err) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.first_error
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get_or_insert_with(|| err.to_string());
+            }
+        }
+    }
+}
+
+/// Runs one workload for a warm-up and then `duration`, and reports the measured part.
+async fn measure(
+    target: &Target,
+    app: &str,
+    args: &BenchArgs,
+    workload: Workload,
+    duration: Duration,
+) -> Result<Report, BenchError> {
+    if args.embedded && workload == Workload::Health {
+        tracing::info!("embedded health = GetRegionPolicy (no transport to measure)");
+    }
+    let warmup = (duration / 10).min(Duration::from_secs(2));
+    let start = Instant::now();
+    let measure_from = start + warmup;
+    let deadline = measure_from + duration;
+    let shared = Arc::new(Shared {
+        histogram: Mutex::new(
+            Histogram::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds"),
+        ),
+        requests: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+        measure_from,
+    });
+    let client = |i: usize| Client {
+        target: target.clone(),
+        conn: i % args.connections,
+        app: app.to_string(),
+        regions: args.regions.clone(),
+        next_region: i,
+        room: None,
+        created: vec![],
+    };
+    let progress = tokio::spawn(progress_line(
+        Arc::clone(&shared),
+        measure_from,
+        deadline,
+        workload,
+        args.json,
+    ));
+    let embedded = args.embedded;
+    match args.rate {
+        None => {
+            let workers: Vec<_> = (0..args.concurrency)
+                .map(|i| {
+                    let (mut c, shared) = (client(i), Arc::clone(&shared));
+                    tokio::spawn(async move {
+                        let mut pending = None;
+                        let mut n = 0u32;
+                        while Instant::now() < deadline {
+                            let sent = Instant::now();
+                            let outcome = c.request(workload, &mut pending).await;
+                            shared.record(sent.elapsed(), outcome);
+                            n = n.wrapping_add(1);
+                            if embedded && n % 64 == 0 {
+                                // In-process calls never wait: let the other tasks run.
+                                tokio::task::yield_now().await;
+                            }
+                        }
+                        c.tidy(pending).await;
+                    })
+                })
+                .collect();
+            for w in workers {
+                let _ = w.await;
+            }
+        }
+        Some(rate) => {
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err(BenchError::Setup("--rate must be a positive number".into()));
+            }
+            open_loop(
+                rate,
+                args.concurrency,
+                start,
+                deadline,
+                workload,
+                &shared,
+                (0..args.concurrency).map(client).collect(),
+            )
+            .await;
+        }
+    }
+    progress.abort();
+    let seconds = duration.as_secs_f64();
+    let errors = shared.errors.load(Ordering::Relaxed);
+    if let Some(err) = shared
+        .first_error
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+    {
+        eprintln!(
+            "warning: {errors} {} requests failed; the first: {err}",
+            workload.name()
+        );
+    }
+    let latency_us = shared
+        .histogram
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let mode = match args.rate {
+        Some(rate) => format!(
+            "open loop at {rate} requests/s, at most {} in flight",
+            args.concurrency
+        ),
+        None => format!("closed loop, {} in flight", args.concurrency),
+    };
+    let mode = format!(
+        "{mode}, {}",
+        if args.embedded {
+            "embedded".to_string()
+        } else {
+            format!("{} connections", args.connections)
+        }
+    );
+    Ok(Report {
+        workload: workload.name(),
+        mode,
+        requests: shared.requests.load(Ordering::Relaxed),
+        errors,
+        seconds,
+        latency_us,
+    })
+}
+
+/// Open loop: a pacing thread marks when each request is due (a std thread sleeps with
+/// microsecond precision; Tokio's timer has millisecond granularity, which would show up as
+/// latency), and a dispatcher sends each due request on a free client, at most
+/// `concurrency` in flight. Latency is measured from the due time.
+async fn open_loop(
+    rate: f64,
+    concurrency: usize,
+    start: Instant,
+    deadline: Instant,
+    workload: Workload,
+    shared: &Arc<Shared>,
+    clients: Vec<Client>,
+) {
+    let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<std::time::Instant>();
+    let (start_std, deadline_std) = (start.into_std(), deadline.into_std());
+    let pacer = std::thread::spawn(move || {
+        for i in 0u64.. {
+            let due = start_std + Duration::from_secs_f64(i as f64 / rate);
+            if due >= deadline_std {
+                return;
+            }
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if due_tx.send(due).is_err() {
+                return;
+            }
+        }
+    });
+    let idle: Arc<Mutex<Vec<(Client, Option<String>)>>> =
+        Arc::new(Mutex::new(clients.into_iter().map(|c| (c, None)).collect()));
+    let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
+    let mut in_flight = Vec::new();
+    while let Some(due) = due_rx.recv().await {
+        let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
+            break;
+        };
+        let Some((mut client, mut pending)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
+        else {
+            break; // cannot happen: one client per permit
+        };
+        let (idle, shared) = (Arc::clone(&idle), Arc::clone(shared));
+        in_flight.push(tokio::spawn(async move {
+            let outcome = client.request(workload, &mut pending).await;
+            shared.record(due.elapsed(), outcome);
+            idle.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((client, pending));
+            drop(permit);
+        }));
+        in_flight.retain(|t| !t.is_finished());
+    }
+    for t in in_flight {
+        let _ = t.await;
+    }
+    let _ = pacer.join();
+    let leftovers: Vec<_> = std::mem::take(&mut *idle.lock().unwrap_or_else(|e| e.into_inner()));
+    for (mut client, pending) in leftovers {
+        client.tidy(pending).await;
+    }
+}
+
+/// A live line on stderr: elapsed time, rate so far, p99 so far.
+async fn progress_line(
+    shared: Arc<Shared>,
+    from: Instant,
+    until: Instant,
+    workload: Workload,
+    quiet: bool,
+) {
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        return;
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if now < from {
+            eprint!("\r{:<20} warming up…", workload.name());
+            continue;
+        }
+        let elapsed = (now.min(until) - from).as_secs_f64().max(0.001);
+        let n = shared.requests.load(Ordering::Relaxed);
+        let p99 = shared
+            .histogram
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .value_at_quantile(0.99);
+        eprint!(
+            "\r{:<20} {:>5.1}s  {:>9.0} req/s  p99 {:.3} ms   ",
+            workload.name(),
+            elapsed,
+            n as f64 / elapsed,
+            p99 as f64 / 1000.0
+        );
+        if now >= until {
+            eprintln!();
+            return;
+        }
+    }
+}
