@@ -387,6 +387,8 @@ struct Client {
     room: Option<String>,
     /// create: rooms to destroy after the run.
     created: Vec<String>,
+    /// create-destroy: the room created by the last request, destroyed by the next.
+    pending: Option<String>,
 }
 
 impl Client {
@@ -438,16 +440,12 @@ impl Client {
     }
 
     /// One request of `workload`; for create-destroy, alternately a create and a destroy.
-    async fn request(
-        &mut self,
-        workload: Workload,
-        pending: &mut Option<String>,
-    ) -> Result<(), BenchError> {
+    async fn request(&mut self, workload: Workload) -> Result<(), BenchError> {
         match workload {
-            Workload::CreateDestroy => match pending.take() {
+            Workload::CreateDestroy => match self.pending.take() {
                 Some(room) => self.destroy(&room).await,
                 None => {
-                    *pending = Some(self.create().await?);
+                    self.pending = Some(self.create().await?);
                     Ok(())
                 }
             },
@@ -494,8 +492,10 @@ impl Client {
     }
 
     /// Leaves nothing behind: the half of a create-destroy pair, the rooms of `create`.
-    async fn tidy(&mut self, pending: Option<String>) {
-        let leftovers: Vec<String> = pending
+    async fn tidy(&mut self) {
+        let leftovers: Vec<String> = self
+            .pending
+            .take()
             .into_iter()
             .chain(std::mem::take(&mut self.created))
             .collect();
@@ -572,6 +572,7 @@ async fn measure(
         next_region: i,
         room: None,
         created: vec![],
+        pending: None,
     };
     let progress = tokio::spawn(progress_line(
         Arc::clone(&shared),
@@ -587,11 +588,10 @@ async fn measure(
                 .map(|i| {
                     let (mut c, shared) = (client(i), Arc::clone(&shared));
                     tokio::spawn(async move {
-                        let mut pending = None;
                         let mut n = 0u32;
                         while Instant::now() < deadline {
                             let sent = Instant::now();
-                            let outcome = c.request(workload, &mut pending).await;
+                            let outcome = c.request(workload).await;
                             shared.record(sent.elapsed(), outcome);
                             n = n.wrapping_add(1);
                             if embedded && n % 64 == 0 {
@@ -599,7 +599,7 @@ async fn measure(
                                 tokio::task::yield_now().await;
                             }
                         }
-                        c.tidy(pending).await;
+                        c.tidy().await;
                     })
                 })
                 .collect();
@@ -696,25 +696,21 @@ async fn open_loop(
             }
         }
     });
-    let idle: Arc<Mutex<Vec<(Client, Option<String>)>>> =
-        Arc::new(Mutex::new(clients.into_iter().map(|c| (c, None)).collect()));
+    let idle = Arc::new(Mutex::new(clients));
     let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
     let mut in_flight = Vec::new();
     while let Some(due) = due_rx.recv().await {
         let Ok(permit) = Arc::clone(&permits).acquire_owned().await else {
             break;
         };
-        let Some((mut client, mut pending)) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop()
-        else {
+        let Some(mut client) = idle.lock().unwrap_or_else(|e| e.into_inner()).pop() else {
             break; // cannot happen: one client per permit
         };
         let (idle, shared) = (Arc::clone(&idle), Arc::clone(shared));
         in_flight.push(tokio::spawn(async move {
-            let outcome = client.request(workload, &mut pending).await;
+            let outcome = client.request(workload).await;
             shared.record(due.elapsed(), outcome);
-            idle.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((client, pending));
+            idle.lock().unwrap_or_else(|e| e.into_inner()).push(client);
             drop(permit);
         }));
         in_flight.retain(|t| !t.is_finished());
@@ -724,8 +720,8 @@ async fn open_loop(
     }
     let _ = pacer.join();
     let leftovers: Vec<_> = std::mem::take(&mut *idle.lock().unwrap_or_else(|e| e.into_inner()));
-    for (mut client, pending) in leftovers {
-        client.tidy(pending).await;
+    for mut client in leftovers {
+        client.tidy().await;
     }
 }
 
