@@ -42,7 +42,7 @@ fn populated(rt: &tokio::runtime::Runtime, n: usize) -> Scheduler {
         let s = Scheduler::builder()
             .regions(["Frankfurt"])
             .backend(InstantBackend)
-            .max_processes(n as u32 + 10)
+            .max_processes(n as u32)
             .build()
             .expect("scheduler");
         let spec = DeploymentSpec {

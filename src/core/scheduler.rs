@@ -26,7 +26,10 @@ use crate::backend::{
 use crate::store::{Commit, MemoryStore, Record, Store};
 use chrono::{DateTime, Utc};
 use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
+use dashmap::DashMap as SipDashMap;
+
+/// Concurrent maps keyed by ids, with foldhash (see `shard::FastMap`).
+type DashMap<K, V> = SipDashMap<K, V, foldhash::fast::RandomState>;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::Duration;
@@ -311,8 +314,8 @@ impl SchedulerBuilder {
                 .backend
                 .unwrap_or_else(|| Arc::new(Simulated::default())),
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore)),
-            apps: DashMap::new(),
-            process_locations: DashMap::new(),
+            apps: DashMap::default(),
+            process_locations: DashMap::default(),
             retention: Mutex::default(),
             events,
             closing: watch::Sender::new(false),
@@ -482,7 +485,9 @@ impl Scheduler {
         }
         if txn.notify {
             if let Some(shard) = app.existing_shard(region) {
-                shard.changes.send_modify(|v| *v = v.wrapping_add(1));
+                if shard.changes.receiver_count() > 0 {
+                    shard.changes.send_modify(|v| *v = v.wrapping_add(1));
+                }
             }
         }
         for effect in txn.effects {
@@ -633,7 +638,7 @@ impl Scheduler {
                     Arc::new(App {
                         app_id: app_id.to_string(),
                         deployments: RwLock::default(),
-                        rooms: DashMap::new(),
+                        rooms: DashMap::default(),
                         shards: (0..self.inner.regions.len())
                             .map(|_| OnceLock::new())
                             .collect(),

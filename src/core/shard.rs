@@ -23,6 +23,10 @@ use crate::backend::ExitStatus;
 use crate::store::Record;
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+/// Hash maps keyed by ids: foldhash is several times faster than SipHash on short keys and
+/// seeds itself per process, which is enough against crafted room ids.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -220,9 +224,9 @@ impl RoomEntry {
 /// The state of one (app, region).
 #[derive(Debug, Default)]
 pub(crate) struct ShardState {
-    processes: HashMap<ProcessId, ProcessEntry>,
-    rooms: HashMap<String, RoomEntry>,
-    index: HashMap<u32, DeploymentIndex>,
+    processes: FastMap<ProcessId, ProcessEntry>,
+    rooms: FastMap<String, RoomEntry>,
+    index: FastMap<u32, DeploymentIndex>,
     live_processes: u32,
     pub(crate) policy: RegionPolicy,
     /// The warm pool starts nothing before this (set after a process failed to start).
@@ -412,13 +416,19 @@ impl ShardState {
     // ----- bookkeeping helpers -----------------------------------------------------------
 
     fn record_process(&self, pid: ProcessId, txn: &mut Txn) {
-        if let (Some(records), Some(e)) = (txn.records.as_mut(), self.processes.get(&pid)) {
+        let Some(records) = txn.records.as_mut() else {
+            return;
+        };
+        if let Some(e) = self.processes.get(&pid) {
             records.push(Record::Process(e.snapshot()));
         }
     }
 
     fn record_room(&self, app_id: &str, room_id: &str, txn: &mut Txn) {
-        if let (Some(records), Some(r)) = (txn.records.as_mut(), self.rooms.get(room_id)) {
+        let Some(records) = txn.records.as_mut() else {
+            return;
+        };
+        if let Some(r) = self.rooms.get(room_id) {
             records.push(Record::Room(self.room_snapshot(app_id, room_id, r)));
         }
     }
