@@ -754,18 +754,27 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             inactive,
         } => {
             let mut c = RoomServiceClient::new(channel(&client.addr).await?);
-            let req = pb::ListRoomsForProcessRequest {
-                app_id: app,
-                process_id: process,
-            };
-            let rooms = if inactive {
-                c.list_inactive_rooms_for_process(req).await?
-            } else {
-                c.list_active_rooms_for_process(req).await?
+            let mut rows: Vec<Value> = Vec::new();
+            let mut page_token = String::new();
+            loop {
+                let req = pb::ListRoomsForProcessRequest {
+                    app_id: app.clone(),
+                    process_id: process.clone(),
+                    page_size: 1000,
+                    page_token,
+                };
+                let page = if inactive {
+                    c.list_inactive_rooms_for_process(req).await?
+                } else {
+                    c.list_active_rooms_for_process(req).await?
+                }
+                .into_inner();
+                rows.extend(page.rooms.iter().map(room_json));
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                page_token = page.next_page_token;
             }
-            .into_inner()
-            .rooms;
-            let rows: Vec<Value> = rooms.iter().map(room_json).collect();
             print_list(client.json, &["room_id", "status", "room_config"], rows);
         }
     }

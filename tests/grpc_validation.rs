@@ -153,6 +153,7 @@ async fn bad_app_id_is_invalid_argument_everywhere() -> TestResult {
                 .list_active_rooms_for_process(pb::ListRoomsForProcessRequest {
                     app_id: bad.into(),
                     process_id: room.process_id.clone(),
+                    ..Default::default()
                 })
                 .await
                 .map(|_| ()),
@@ -583,6 +584,7 @@ async fn unknown_room_process_or_deployment_is_not_found() -> TestResult {
         let req = pb::ListRoomsForProcessRequest {
             app_id: APP.into(),
             process_id: pid.into(),
+            ..Default::default()
         };
         expect_error(
             rooms.list_active_rooms_for_process(req.clone()).await,
@@ -1066,6 +1068,7 @@ async fn messages_over_the_max_message_size_are_refused_by_the_transport() -> Te
         .list_active_rooms_for_process(pb::ListRoomsForProcessRequest {
             app_id: APP.into(),
             process_id: room.process_id.clone(),
+            ..Default::default()
         })
         .await
         .expect_err("a response over the max message size was sent");

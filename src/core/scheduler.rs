@@ -411,18 +411,14 @@ impl Scheduler {
     }
 
     /// The inputs of a change of `state` (whose lock the caller holds).
-    fn ctx<'a>(&'a self, app: &'a App, region: usize, state: &ShardState) -> Ctx<'a> {
+    fn ctx<'a>(&'a self, app: &'a App, region: usize) -> Ctx<'a> {
         Ctx {
             app_id: &app.app_id,
             region: &self.inner.regions[region],
             now: self.inner.clock.now(),
             instant: tokio::time::Instant::now(),
             limits: &self.inner.limits,
-            latest: if state.policy.wants_pool() {
-                app.latest().ok()
-            } else {
-                None
-            },
+            latest: app.latest().ok(),
         }
     }
 
@@ -442,11 +438,9 @@ impl Scheduler {
         let mut txn = Txn::new(self.inner.store.wants_records());
         let (out, commit) = {
             let mut state = shard.lock();
-            let ctx = self.ctx(app, region, &state);
+            let ctx = self.ctx(app, region);
             let out = f(&mut state, &ctx, &mut txn);
             if out.is_ok() {
-                // A policy change may have just asked for a pool: look at the state as it is now.
-                let ctx = self.ctx(app, region, &state);
                 state.reconcile_pool(&ctx, &mut txn);
             }
             for effect in &txn.effects {
@@ -458,7 +452,18 @@ impl Scheduler {
             }
             (out, self.append(&mut txn))
         };
-        self.finish(app, region, txn, commit).await?;
+        match commit {
+            // The caller may go away while the store flushes; the change is made, so its
+            // effects (start a process, arm its timers) must happen regardless: finish in a
+            // task of its own.
+            Some(pending @ Commit::Pending(_)) => {
+                let (this, app) = (self.clone(), Arc::clone(app));
+                tokio::spawn(async move { this.finish(&app, region, txn, Some(pending)).await })
+                    .await
+                    .map_err(|e| Error::Internal(format!("finishing a change failed: {e}")))??;
+            }
+            done => self.finish(app, region, txn, done).await?,
+        }
         out
     }
 
@@ -518,6 +523,21 @@ impl Scheduler {
                 if let Err(err) = inner.backend.start(spec) {
                     let kind = ProcessEventKind::LaunchFailed(err.0);
                     let _ = inner.events.send(ProcessEvent { process_id, kind });
+                    return;
+                }
+                // A stop carried out by another call before this start reached a backend
+                // that did not know the process yet: stop it again now that it does.
+                let status = app
+                    .existing_shard(region)
+                    .and_then(|s| s.lock().status(process_id));
+                match status {
+                    Some(ProcessStatus::Stopping) => {
+                        inner.backend.stop(process_id, inner.limits.stop_grace)
+                    }
+                    Some(ProcessStatus::Stopped | ProcessStatus::Failed) => {
+                        inner.backend.stop(process_id, Duration::ZERO)
+                    }
+                    _ => {}
                 }
             }
             Effect::Stop { process_id, grace } => inner.backend.stop(process_id, grace),
@@ -767,7 +787,8 @@ impl Scheduler {
                         }
                     }
                     Entry::Vacant(slot) => {
-                        let pid = state.create_room(ctx, &dep, slot.key(), config, txn)?;
+                        let pinned = requested_deployment.is_some();
+                        let pid = state.create_room(ctx, &dep, slot.key(), config, pinned, txn)?;
                         let id = slot.key().clone();
                         slot.insert(region);
                         tracing::debug!(app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
@@ -863,7 +884,8 @@ impl Scheduler {
 
     // ----- processes -------------------------------------------------------------------
 
-    /// Starts an empty process of the requested (or latest) deployment.
+    /// Starts an empty process of the latest deployment (a request for an older one is
+    /// FAILED_PRECONDITION: it would only drain).
     pub async fn create_process(
         &self,
         app_id: &str,
@@ -879,6 +901,17 @@ impl Scheduler {
         let app2 = Arc::clone(&app);
         self.change(&app, region, move |state, ctx, txn| {
             let dep = app2.target_deployment(requested)?;
+            if let Some(latest) = ctx
+                .latest
+                .as_ref()
+                .filter(|l| l.deployment_id > dep.deployment_id)
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "deployment {} of app {} is superseded by deployment {}: only the latest \
+                     deployment can be pre-warmed",
+                    dep.deployment_id, ctx.app_id, latest.deployment_id
+                )));
+            }
             let pid = state.new_process(ctx, &dep, None, txn)?;
             state
                 .process(pid)

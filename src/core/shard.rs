@@ -50,7 +50,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) now: DateTime<Utc>,
     pub(crate) instant: Instant,
     pub(crate) limits: &'a Limits,
-    /// The app's latest deployment, when the shard's policy keeps a warm pool of it.
+    /// The app's latest deployment (read under the shard lock, so a deployment created
+    /// meanwhile drains this shard only after the operation).
     pub(crate) latest: Option<Arc<Deployment>>,
 }
 
@@ -210,6 +211,9 @@ struct RoomEntry {
     destroyed: bool,
     /// How many times the room has been placed.
     attempts: u8,
+    /// Created for an explicitly requested deployment (kept when placed again); otherwise
+    /// the room follows the latest deployment.
+    pinned: bool,
 }
 
 impl RoomEntry {
@@ -247,6 +251,10 @@ impl ShardState {
 
     pub(crate) fn process(&self, id: ProcessId) -> Option<Process> {
         self.processes.get(&id).map(ProcessEntry::snapshot)
+    }
+
+    pub(crate) fn status(&self, id: ProcessId) -> Option<ProcessStatus> {
+        self.processes.get(&id).map(|e| e.process.status)
     }
 
     pub(crate) fn processes(&self) -> impl Iterator<Item = Process> + '_ {
@@ -520,6 +528,7 @@ impl ShardState {
         dep: &Arc<Deployment>,
         room_id: &str,
         room_config: String,
+        pinned: bool,
         txn: &mut Txn,
     ) -> Result<ProcessId> {
         let pid = self.take_slot(ctx, dep, room_id, &room_config, txn)?;
@@ -531,6 +540,7 @@ impl ShardState {
                 allocations: vec![allocation],
                 destroyed: false,
                 attempts: 1,
+                pinned,
             },
         );
         self.record_room(ctx.app_id, room_id, txn);
@@ -577,7 +587,12 @@ impl ShardState {
             deployment: Arc::clone(dep),
             rooms: vec![],
             past_rooms: VecDeque::new(),
-            drain_requested: false,
+            // A process of a deployment older than the latest (a room pinned to it) serves
+            // its rooms but takes no others, and drains once bound.
+            drain_requested: ctx
+                .latest
+                .as_ref()
+                .is_some_and(|l| l.deployment_id > dep.deployment_id),
             stop_reason: None,
             idle_since: None,
             idle_timer_armed: false,
@@ -946,7 +961,7 @@ impl ShardState {
                 deadline,
             });
         }
-        let dep = Arc::clone(&self.processes[&pid].deployment);
+        let own = Arc::clone(&self.processes[&pid].deployment);
         for room_id in rooms {
             let attempts = self
                 .rooms
@@ -963,11 +978,16 @@ impl ShardState {
                 continue;
             }
             self.close_room(ctx, pid, &room_id, false, txn);
-            let config = self
+            let (config, pinned) = self
                 .rooms
                 .get(&room_id)
-                .map(|r| r.room_config.clone())
+                .map(|r| (r.room_config.clone(), r.pinned))
                 .unwrap_or_default();
+            // Same rule as at creation: the latest deployment, unless the room asked for one.
+            let dep = match (&ctx.latest, pinned) {
+                (Some(latest), false) => Arc::clone(latest),
+                _ => Arc::clone(&own),
+            };
             match self.take_slot(ctx, &dep, &room_id, &config, txn) {
                 Ok(new_pid) => {
                     if let Some(r) = self.rooms.get_mut(&room_id) {
@@ -1189,8 +1209,14 @@ mod tests {
             self.rooms += 1;
             let id = format!("r{}", self.rooms);
             let ctx = ctx(&self.limits, 1000);
-            self.state
-                .create_room(&ctx, &self.dep, &id, String::new(), &mut Txn::new(false))
+            self.state.create_room(
+                &ctx,
+                &self.dep,
+                &id,
+                String::new(),
+                false,
+                &mut Txn::new(false),
+            )
         }
 
         fn rooms_on(&self, pid: ProcessId) -> u32 {

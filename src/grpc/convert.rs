@@ -158,10 +158,38 @@ pub fn room(r: Room) -> pb::Room {
     }
 }
 
-pub fn rooms(rs: Vec<Room>) -> pb::ListRoomsResponse {
-    pb::ListRoomsResponse {
-        rooms: rs.into_iter().map(room).collect(),
-    }
+/// One page of a process's rooms: `page_size` 0 = all of them; the token is an offset.
+pub fn rooms_page(
+    rs: Vec<Room>,
+    page_size: u32,
+    page_token: &str,
+) -> Result<pb::ListRoomsResponse> {
+    let start = match page_token {
+        "" => 0,
+        t => t.parse::<usize>().map_err(|_| Error::InvalidArgument {
+            field: "page_token",
+            reason: "not a token returned by this list".into(),
+        })?,
+    };
+    let size = match page_size {
+        0 => usize::MAX,
+        n => (n as usize).min(crate::core::MAX_PAGE_SIZE),
+    };
+    let end = start.saturating_add(size).min(rs.len());
+    let next_page_token = if end < rs.len() {
+        end.to_string()
+    } else {
+        String::new()
+    };
+    Ok(pb::ListRoomsResponse {
+        rooms: rs
+            .into_iter()
+            .skip(start)
+            .take(end.saturating_sub(start))
+            .map(room)
+            .collect(),
+        next_page_token,
+    })
 }
 
 pub fn placement(p: RoomPlacement) -> pb::CreateRoomResponse {

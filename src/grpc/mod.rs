@@ -2,6 +2,7 @@
 //! [`crate::Scheduler`] method, and converts the answer back; errors map to status codes in
 //! one place (`error`). No scheduling logic lives here.
 
+pub mod codec;
 pub mod convert;
 pub mod error;
 mod services;

@@ -112,9 +112,12 @@ impl RoomService for RoomApi {
     ) -> Reply<pb::ListRoomsResponse> {
         let r = req.into_inner();
         let pid = convert::process_id(&r.app_id, &r.process_id)?;
-        Ok(Response::new(convert::rooms(
-            self.0.list_active_rooms(&r.app_id, pid).await?,
-        )))
+        let rooms = self.0.list_active_rooms(&r.app_id, pid).await?;
+        Ok(Response::new(convert::rooms_page(
+            rooms,
+            r.page_size,
+            &r.page_token,
+        )?))
     }
 
     async fn list_inactive_rooms_for_process(
@@ -123,9 +126,12 @@ impl RoomService for RoomApi {
     ) -> Reply<pb::ListRoomsResponse> {
         let r = req.into_inner();
         let pid = convert::process_id(&r.app_id, &r.process_id)?;
-        Ok(Response::new(convert::rooms(
-            self.0.list_inactive_rooms(&r.app_id, pid).await?,
-        )))
+        let rooms = self.0.list_inactive_rooms(&r.app_id, pid).await?;
+        Ok(Response::new(convert::rooms_page(
+            rooms,
+            r.page_size,
+            &r.page_token,
+        )?))
     }
 }
 

@@ -257,16 +257,27 @@ impl TestServer {
         app_id: &str,
         process_id: &str,
     ) -> TestResult<Vec<pb::Room>> {
-        Ok(self
-            .rooms
-            .clone()
-            .list_active_rooms_for_process(pb::ListRoomsForProcessRequest {
-                app_id: app_id.into(),
-                process_id: process_id.into(),
-            })
-            .await?
-            .into_inner()
-            .rooms)
+        // Page through, as a client of a process with many rooms must.
+        let mut rooms = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .rooms
+                .clone()
+                .list_active_rooms_for_process(pb::ListRoomsForProcessRequest {
+                    app_id: app_id.into(),
+                    process_id: process_id.into(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            rooms.extend(page.rooms);
+            if page.next_page_token.is_empty() {
+                return Ok(rooms);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     pub(crate) async fn inactive_rooms(
@@ -274,16 +285,27 @@ impl TestServer {
         app_id: &str,
         process_id: &str,
     ) -> TestResult<Vec<pb::Room>> {
-        Ok(self
-            .rooms
-            .clone()
-            .list_inactive_rooms_for_process(pb::ListRoomsForProcessRequest {
-                app_id: app_id.into(),
-                process_id: process_id.into(),
-            })
-            .await?
-            .into_inner()
-            .rooms)
+        // Page through, as a client of a process with many rooms must.
+        let mut rooms = Vec::new();
+        let mut page_token = String::new();
+        loop {
+            let page = self
+                .rooms
+                .clone()
+                .list_inactive_rooms_for_process(pb::ListRoomsForProcessRequest {
+                    app_id: app_id.into(),
+                    process_id: process_id.into(),
+                    page_size: 1000,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            rooms.extend(page.rooms);
+            if page.next_page_token.is_empty() {
+                return Ok(rooms);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     // ----- processes -------------------------------------------------------------------------
