@@ -56,6 +56,7 @@ pub enum Command {
     Usage {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         /// Only these regions (default: all).
@@ -76,8 +77,10 @@ pub enum PolicyCommand {
     Set {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// A configured region, e.g. Frankfurt.
         #[arg(long)]
         region: String,
         /// Keep at least this many processes of the latest deployment alive.
@@ -94,8 +97,10 @@ pub enum PolicyCommand {
     Get {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// A configured region, e.g. Frankfurt.
         #[arg(long)]
         region: String,
     },
@@ -121,7 +126,7 @@ pub enum BackendKind {
 /// help text.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// Address to listen on (port 0 picks a free port; the chosen address is logged).
+    /// Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is logged).
     #[arg(long, env = "ROOMSCHED_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: String,
     /// Directory for the durable store and process logs.
@@ -192,8 +197,10 @@ pub enum RoomCommand {
     Create {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// A configured region, e.g. Frankfurt.
         #[arg(long)]
         region: String,
         /// Opaque room configuration (at most 10,000 bytes).
@@ -210,6 +217,7 @@ pub enum RoomCommand {
     Get {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         room_id: String,
@@ -218,6 +226,7 @@ pub enum RoomCommand {
     Destroy {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         room_id: String,
@@ -226,6 +235,7 @@ pub enum RoomCommand {
     Conn {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         room_id: String,
@@ -234,6 +244,7 @@ pub enum RoomCommand {
     Watch {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         room_id: String,
@@ -242,8 +253,10 @@ pub enum RoomCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The process id.
         #[arg(long)]
         process: String,
         /// Rooms that were on the process and left.
@@ -258,8 +271,10 @@ pub enum ProcessCommand {
     Create {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// A configured region, e.g. Frankfurt.
         #[arg(long)]
         region: String,
         #[arg(long)]
@@ -269,6 +284,7 @@ pub enum ProcessCommand {
     Get {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         process_id: String,
@@ -277,6 +293,7 @@ pub enum ProcessCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         /// Only these statuses (starting, running, draining, stopping, stopped, failed).
@@ -293,6 +310,7 @@ pub enum ProcessCommand {
     Drain {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         process_id: String,
@@ -301,6 +319,7 @@ pub enum ProcessCommand {
     Stop {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         process_id: String,
@@ -313,13 +332,16 @@ pub enum DeploymentCommand {
     Create {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// How many rooms fit in one process (1-10000).
         #[arg(long)]
         rooms_per_process: u32,
         /// The game server's main port inside its container.
         #[arg(long, default_value_t = 7777)]
         port: u32,
+        /// Transport of the main port.
         #[arg(long, value_enum, default_value = "tcp")]
         transport: Transport,
         /// NAME:PORT[:tcp|udp|tls], at most 2.
@@ -331,6 +353,7 @@ pub enum DeploymentCommand {
         /// NAME=VALUE, repeatable.
         #[arg(long = "env")]
         env: Vec<String>,
+        /// Placement: spread rooms (most-free) or pack them (fewest-free).
         #[arg(long, value_enum, default_value = "most-free")]
         strategy: Strategy,
         /// The game server's argv for the `local` backend (`{port}` is replaced).
@@ -341,6 +364,7 @@ pub enum DeploymentCommand {
     Get {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
         deployment_id: Option<u32>,
@@ -349,6 +373,7 @@ pub enum DeploymentCommand {
     List {
         #[command(flatten)]
         client: ClientArgs,
+        /// The app (game) id.
         #[arg(long)]
         app: String,
     },
@@ -382,7 +407,7 @@ pub enum Strategy {
 pub enum CliError {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot reach roomsched at {addr}: {source}")]
+    #[error("cannot reach roomsched at {addr} (is `roomsched serve` running there?): {source}")]
     Connect {
         addr: String,
         source: tonic::transport::Error,
@@ -645,6 +670,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             let v = json!({
+                "address": r.exposed_port.as_ref().map(|e| format!("{}:{}", e.host, e.port)),
                 "room_id": r.room_id,
                 "process_id": r.process_id,
                 "status": enum_name(r.status().as_str_name()),
