@@ -135,7 +135,8 @@ pub struct ServeArgs {
     /// Where state is kept. Only `memory` exists so far (nothing survives a restart).
     #[arg(long, env = "ROOMSCHED_STORE", value_enum, default_value = "memory")]
     pub store: StoreKind,
-    /// What starts processes. Only `simulated` exists so far.
+    /// What starts processes: `simulated` (in memory) or `local` (real OS processes from the
+    /// deployment's command, logs under <data-dir>/logs).
     #[arg(
         long,
         env = "ROOMSCHED_BACKEND",
@@ -143,6 +144,9 @@ pub struct ServeArgs {
         default_value = "simulated"
     )]
     pub backend: BackendKind,
+    /// The host players connect to, reported in exposed ports and HATHORA_HOSTNAME.
+    #[arg(long, env = "ROOMSCHED_PUBLIC_HOST", default_value = "127.0.0.1")]
+    pub public_host: String,
     /// Comma-separated region names (default: the 14 Hathora regions).
     #[arg(long, env = "ROOMSCHED_REGIONS", value_delimiter = ',')]
     pub regions: Option<Vec<String>>,
@@ -431,16 +435,22 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
             "--store durable is not available yet; use --store memory".into(),
         ));
     }
-    if args.backend == BackendKind::Local {
-        return Err(CliError::Usage(
-            "--backend local is not available yet; use --backend simulated".into(),
-        ));
-    }
-    let mut builder = Scheduler::builder()
-        .backend(Simulated::new(SimulatedConfig {
+    let backend: std::sync::Arc<dyn crate::backend::Backend> = match args.backend {
+        BackendKind::Simulated => std::sync::Arc::new(Simulated::new(SimulatedConfig {
             start_delay: args.sim_start_delay,
+            host: args.public_host.clone(),
             ..Default::default()
-        }))
+        })),
+        BackendKind::Local => {
+            std::sync::Arc::new(crate::backend::Local::new(crate::backend::LocalConfig {
+                host: args.public_host.clone(),
+                log_dir: args.data_dir.join("logs"),
+                ..Default::default()
+            }))
+        }
+    };
+    let mut builder = Scheduler::builder()
+        .backend_arc(backend)
         .start_timeout(args.start_timeout)
         .idle_timeout(args.idle_timeout)
         .stop_grace(args.stop_grace)
@@ -461,7 +471,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     tracing::info!(
         %addr,
         store = "memory",
-        backend = "simulated",
+        backend = ?args.backend,
         regions = scheduler.regions().join(","),
         "roomsched listening"
     );
@@ -469,7 +479,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         max_message_size: args.max_message_size,
         ..Default::default()
     };
-    server::run(listener, scheduler, config, shutdown_signal()).await?;
+    server::run(listener, scheduler.clone(), config, shutdown_signal()).await?;
+    // Game servers do not outlive roomsched: stop them (SIGTERM, SIGKILL after the grace).
+    scheduler.stop_all_processes().await;
     Ok(())
 }
 
@@ -1108,6 +1120,7 @@ fn process_json(p: &pb::Process) -> Value {
         "stopping_at": ts(&p.stopping_at),
         "terminated_at": ts(&p.terminated_at),
         "summary_exit_reason": p.summary_exit_reason,
+        "log_path": p.log_path,
     })
 }
 

@@ -2,13 +2,20 @@
 //! and stop processes and hears back through [`ProcessEvents`]: a process bound its port, or it
 //! exited. Backends own no scheduling state and never call into the scheduler directly.
 
+#[cfg(unix)]
+pub mod local;
 pub mod simulated;
 
 use crate::core::types::{Deployment, ExposedPort, ProcessId};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+#[cfg(unix)]
+pub use local::{Local, LocalConfig};
 pub use simulated::{Simulated, SimulatedConfig};
 
 /// Everything a backend needs to start one process.
@@ -119,4 +126,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Reports the exit through the process's events. Stopping an unknown or already exited
     /// process does nothing.
     fn stop(&self, process_id: ProcessId, grace: Duration);
+
+    /// Where the process's output is written, if the backend keeps it.
+    fn log_path(&self, _process_id: ProcessId) -> Option<PathBuf> {
+        None
+    }
+
+    /// Stops every process the backend started (polite signal, then a kill after `grace`);
+    /// completes when they have exited. Called when roomsched itself shuts down.
+    fn shutdown(&self, _grace: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(std::future::ready(()))
+    }
 }

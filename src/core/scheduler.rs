@@ -346,6 +346,42 @@ impl Scheduler {
         &self.inner.regions
     }
 
+    /// Stops every process the backend started (SIGTERM, then SIGKILL after the stop grace),
+    /// waits until they have exited and applies their exits. For a clean shutdown of the
+    /// host program: game servers should not outlive it.
+    pub async fn stop_all_processes(&self) {
+        self.shutdown();
+        let apps: Vec<Arc<App>> = self
+            .inner
+            .apps
+            .iter()
+            .map(|a| Arc::clone(a.value()))
+            .collect();
+        for app in apps {
+            for region in 0..self.inner.regions.len() {
+                if app.existing_shard(region).is_none() {
+                    continue;
+                }
+                let stopped = self
+                    .change(&app, region, |state, ctx, txn| {
+                        for pid in state.live_process_ids() {
+                            state.stop(ctx, pid, "roomsched shut down", txn);
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if let Err(err) = stopped {
+                    tracing::warn!(%err, app_id = app.app_id, "could not record the stop of processes");
+                }
+            }
+        }
+        self.inner
+            .backend
+            .shutdown(self.inner.limits.stop_grace)
+            .await;
+        self.settle().await;
+    }
+
     /// Waits until every process event reported so far (binds, exits, fired timers) has been
     /// applied. Useful to embedders and tests that drive a backend by hand.
     pub async fn settle(&self) {
@@ -418,6 +454,7 @@ impl Scheduler {
             now: self.inner.clock.now(),
             instant: tokio::time::Instant::now(),
             limits: &self.inner.limits,
+            backend: self.inner.backend.as_ref(),
             latest: app.latest().ok(),
         }
     }
@@ -440,7 +477,7 @@ impl Scheduler {
             let mut state = shard.lock();
             let ctx = self.ctx(app, region);
             let out = f(&mut state, &ctx, &mut txn);
-            if out.is_ok() {
+            if out.is_ok() && !*self.inner.closing.borrow() {
                 state.reconcile_pool(&ctx, &mut txn);
             }
             for effect in &txn.effects {

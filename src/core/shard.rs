@@ -50,6 +50,8 @@ pub(crate) struct Ctx<'a> {
     pub(crate) now: DateTime<Utc>,
     pub(crate) instant: Instant,
     pub(crate) limits: &'a Limits,
+    /// Only to name a new process's log file.
+    pub(crate) backend: &'a dyn crate::backend::Backend,
     /// The app's latest deployment (read under the shard lock, so a deployment created
     /// meanwhile drains this shard only after the operation).
     pub(crate) latest: Option<Arc<Deployment>>,
@@ -251,6 +253,14 @@ impl ShardState {
 
     pub(crate) fn process(&self, id: ProcessId) -> Option<Process> {
         self.processes.get(&id).map(ProcessEntry::snapshot)
+    }
+
+    pub(crate) fn live_process_ids(&self) -> Vec<ProcessId> {
+        self.processes
+            .values()
+            .filter(|e| e.process.status.is_live())
+            .map(|e| e.process.process_id)
+            .collect()
     }
 
     pub(crate) fn status(&self, id: ProcessId) -> Option<ProcessStatus> {
@@ -581,6 +591,7 @@ impl ShardState {
             stopping_at: None,
             terminated_at: None,
             summary_exit_reason: String::new(),
+            log_path: ctx.backend.log_path(pid).map(|p| p.display().to_string()),
         };
         let entry = ProcessEntry {
             process,
@@ -1164,9 +1175,25 @@ mod tests {
             now: Utc.timestamp_opt(second, 0).unwrap(),
             instant: Instant::now(),
             limits,
+            backend: &NO_BACKEND,
             latest: None,
         }
     }
+
+    /// The shard only asks a backend for log file names.
+    struct NoBackend;
+
+    impl crate::backend::Backend for NoBackend {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+        fn start(&self, _: crate::backend::StartSpec) -> Result<(), crate::backend::BackendError> {
+            Ok(())
+        }
+        fn stop(&self, _: ProcessId, _: Duration) {}
+    }
+
+    static NO_BACKEND: NoBackend = NoBackend;
 
     /// A shard whose operations happen at chosen wall-clock seconds.
     struct Fixture {

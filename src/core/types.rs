@@ -159,6 +159,8 @@ pub struct Process {
     pub terminated_at: Option<DateTime<Utc>>,
     /// Why it ended; empty while alive.
     pub summary_exit_reason: String,
+    /// Where the backend writes the process's stdout and stderr (the `local` backend).
+    pub log_path: Option<String>,
 }
 
 /// One placement of a room on a process.

@@ -135,6 +135,7 @@ pub fn process(p: Process) -> pb::Process {
         stopping_at: p.stopping_at.map(timestamp),
         terminated_at: p.terminated_at.map(timestamp),
         summary_exit_reason: p.summary_exit_reason,
+        log_path: p.log_path.unwrap_or_default(),
     }
 }
 
