@@ -1,6 +1,12 @@
-//! Placement cost in the library: CreateRoom + DestroyRoom pairs in one region holding
-//! 1,000 / 10,000 / 100,000 running processes. With an ordered index the cost per pair should
-//! grow at most logarithmically with the number of processes.
+//! Placement cost in the library:
+//! - `create_destroy_pair/N`: CreateRoom + DestroyRoom pairs in one region holding N running
+//!   processes (1,000 / 10,000 / 100,000). With an ordered index the cost per pair should grow
+//!   at most logarithmically with N.
+//! - `contended/R`: the same pairs from 4 tasks on a 2-thread runtime spread over R regions
+//!   (R = 1: every task contends for one shard lock).
+//! - `index_vs_scan/N`: the ablation — picking the process with the most free slots and
+//!   updating its rank, with the ordered index the scheduler uses (a BTreeSet keyed by rank)
+//!   versus a plain linear scan over N processes.
 //!
 //! Run: `cargo bench --bench placement`
 
@@ -104,5 +110,112 @@ fn create_destroy(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, create_destroy);
+fn contended(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("contended");
+    group.throughput(Throughput::Elements(1));
+    group.measurement_time(Duration::from_secs(5));
+    const REGIONS: [&str; 4] = ["Frankfurt", "Tokyo", "London", "Chicago"];
+    for regions in [1usize, 4] {
+        let s = rt.block_on(async {
+            let s = Scheduler::builder()
+                .regions(REGIONS)
+                .backend(InstantBackend)
+                .max_processes(10_000)
+                .build()
+                .expect("scheduler");
+            let spec = DeploymentSpec {
+                rooms_per_process: 100,
+                container_port: 7777,
+                ..Default::default()
+            };
+            s.create_deployment(APP, spec).await.expect("deployment");
+            s
+        });
+        group.bench_with_input(
+            BenchmarkId::from_parameter(regions),
+            &regions,
+            |b, &regions| {
+                b.iter_custom(|iters| {
+                    rt.block_on(async {
+                        let start = Instant::now();
+                        let tasks: Vec<_> = (0..4)
+                            .map(|t| {
+                                let s = s.clone();
+                                let region = REGIONS[t % regions];
+                                tokio::spawn(async move {
+                                    for _ in 0..iters.div_ceil(4) {
+                                        let req = CreateRoom {
+                                            app_id: APP.into(),
+                                            region: region.into(),
+                                            ..Default::default()
+                                        };
+                                        let r = s.create_room(req).await.expect("create");
+                                        s.destroy_room(APP, &r.room_id).await.expect("destroy");
+                                    }
+                                })
+                            })
+                            .collect();
+                        for t in tasks {
+                            t.await.expect("task");
+                        }
+                        start.elapsed()
+                    })
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+/// The ablation: one placement step (take the best process, give it one room fewer free
+/// slots, put it back) on an ordered index versus a linear scan.
+fn index_vs_scan(c: &mut Criterion) {
+    use std::collections::BTreeSet;
+    let mut group = c.benchmark_group("index_vs_scan");
+    for n in [1_000u32, 10_000, 100_000] {
+        // (free slots, started_at, id) for n processes with 1..=100 free slots.
+        let procs: Vec<(u32, u64, u64)> = (0..n)
+            .map(|i| (1 + (i * 7919) % 100, u64::from(i), u64::from(i)))
+            .collect();
+        let mut index: BTreeSet<(u32, u64, u64)> = procs
+            .iter()
+            .map(|&(free, t, id)| (u32::MAX - free, t, id))
+            .collect();
+        group.bench_with_input(BenchmarkId::new("index", n), &n, |b, _| {
+            b.iter(|| {
+                let best = index.pop_first().expect("a process");
+                // Take a slot, then free it again so the state stays the same.
+                index.insert((best.0 + 1, best.1, best.2));
+                let taken = index
+                    .take(&(best.0 + 1, best.1, best.2))
+                    .expect("just inserted");
+                index.insert((taken.0 - 1, taken.1, taken.2));
+            })
+        });
+        let mut scan = procs.clone();
+        group.bench_with_input(BenchmarkId::new("scan", n), &n, |b, _| {
+            b.iter(|| {
+                let best = (0..scan.len())
+                    .max_by_key(|&i| {
+                        (
+                            scan[i].0,
+                            std::cmp::Reverse(scan[i].1),
+                            std::cmp::Reverse(scan[i].2),
+                        )
+                    })
+                    .expect("a process");
+                scan[best].0 -= 1;
+                scan[best].0 += 1;
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, create_destroy, contended, index_vs_scan);
 criterion_main!(benches);
