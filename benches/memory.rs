@@ -3,35 +3,12 @@
 //!
 //! Run: `cargo bench --bench memory` (prints the figures; takes about a minute).
 
-use roomsched::backend::{Backend, BackendError, ProcessEvents, StartSpec};
-use roomsched::{
-    CreateRoom, DeploymentSpec, ExposedPort, ProcessId, RegionPolicy, Scheduler, TransportType,
-};
-use std::time::Duration;
+mod common;
+
+use common::InstantBackend;
+use roomsched::{CreateRoom, DeploymentSpec, RegionPolicy, Scheduler};
 
 const APP: &str = "memory";
-
-/// Binds every process at once; keeps nothing itself.
-struct InstantBackend;
-
-impl Backend for InstantBackend {
-    fn name(&self) -> &'static str {
-        "instant"
-    }
-
-    fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
-        let port = ExposedPort {
-            host: "127.0.0.1".into(),
-            name: "default".into(),
-            port: 7777,
-            transport_type: TransportType::Tcp,
-        };
-        ProcessEvents::bound(&spec.events, spec.process_id, port, vec![]);
-        Ok(())
-    }
-
-    fn stop(&self, _process_id: ProcessId, _grace: Duration) {}
-}
 
 /// Resident set size of this process, in bytes (Linux).
 fn rss() -> u64 {

@@ -11,36 +11,13 @@
 //! Run: `cargo bench --bench placement`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use roomsched::backend::{Backend, BackendError, ProcessEvents, StartSpec};
-use roomsched::{
-    CreateRoom, DeploymentSpec, ExposedPort, ProcessFilter, ProcessId, ProcessStatus, Scheduler,
-    TransportType,
-};
+mod common;
+
+use common::InstantBackend;
+use roomsched::{CreateRoom, DeploymentSpec, ProcessFilter, ProcessStatus, Scheduler};
 use std::time::{Duration, Instant};
 
 const APP: &str = "bench";
-
-/// Processes bind the moment they start; nothing else. Keeps the backend out of the numbers.
-struct InstantBackend;
-
-impl Backend for InstantBackend {
-    fn name(&self) -> &'static str {
-        "instant"
-    }
-
-    fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
-        let port = ExposedPort {
-            host: "127.0.0.1".into(),
-            name: "default".into(),
-            port: 7777,
-            transport_type: TransportType::Tcp,
-        };
-        ProcessEvents::bound(&spec.events, spec.process_id, port, vec![]);
-        Ok(())
-    }
-
-    fn stop(&self, _process_id: ProcessId, _grace: Duration) {}
-}
 
 /// A scheduler with `n` RUNNING processes of 4 slots each, every one holding 2 rooms.
 fn populated(rt: &tokio::runtime::Runtime, n: usize) -> Scheduler {

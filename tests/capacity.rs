@@ -4,10 +4,8 @@
 mod support;
 
 use chrono::{TimeZone, Utc};
-use roomsched::backend::{Backend, BackendError, StartSpec};
 use roomsched::{
-    DeploymentSpec, Error, ManualClock, PlacementStrategy, ProcessId, ProcessStatus, RegionPolicy,
-    Scheduler,
+    DeploymentSpec, Error, ManualClock, PlacementStrategy, ProcessStatus, RegionPolicy, Scheduler,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -345,19 +343,6 @@ async fn a_new_deployment_gets_its_pool_while_the_old_one_drains() -> TestResult
         "the old one drains"
     );
     Ok(())
-}
-
-/// A backend that cannot launch anything.
-struct Broken;
-
-impl Backend for Broken {
-    fn name(&self) -> &'static str {
-        "broken"
-    }
-    fn start(&self, _spec: StartSpec) -> Result<(), BackendError> {
-        Err(BackendError("no such file".into()))
-    }
-    fn stop(&self, _pid: ProcessId, _grace: Duration) {}
 }
 
 #[tokio::test(start_paused = true)]

@@ -3,9 +3,7 @@
 
 mod support;
 
-use roomsched::backend::{
-    Backend, BackendError, ExitStatus, Simulated, SimulatedConfig, StartSpec,
-};
+use roomsched::backend::{ExitStatus, Simulated, SimulatedConfig};
 use roomsched::{
     ConnectionStatus, CreateRoom, DeploymentSpec, Error, ProcessId, ProcessStatus, RoomStatus,
     Scheduler,
@@ -277,19 +275,6 @@ async fn simulated_fault_injection() -> TestResult {
         RoomStatus::Destroyed
     );
     Ok(())
-}
-
-/// A backend that cannot launch anything.
-struct Broken;
-
-impl Backend for Broken {
-    fn name(&self) -> &'static str {
-        "broken"
-    }
-    fn start(&self, _spec: StartSpec) -> Result<(), BackendError> {
-        Err(BackendError("no such file".into()))
-    }
-    fn stop(&self, _pid: ProcessId, _grace: Duration) {}
 }
 
 #[tokio::test]

@@ -119,6 +119,21 @@ impl Backend for ManualBackend {
     }
 }
 
+/// A backend that cannot launch anything.
+pub struct Broken;
+
+impl Backend for Broken {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+
+    fn start(&self, _spec: StartSpec) -> Result<(), BackendError> {
+        Err(BackendError("no such file".into()))
+    }
+
+    fn stop(&self, _process_id: ProcessId, _grace: Duration) {}
+}
+
 pub const APP: &str = "game";
 
 pub fn deployment(rooms_per_process: u32) -> DeploymentSpec {
