@@ -738,7 +738,9 @@ impl Scheduler {
             "deployment created"
         );
         for region in 0..self.inner.regions.len() {
-            if app.existing_shard(region).is_some() {
+            // Existing shards drain their older processes; with a default warm pool every
+            // region gets the new deployment's pool at once.
+            if app.existing_shard(region).is_some() || self.inner.default_policy.wants_pool() {
                 let latest = deployment.deployment_id;
                 self.change(&app, region, |state, ctx, txn| {
                     state.drain_older(ctx, latest, txn);

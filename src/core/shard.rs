@@ -61,6 +61,11 @@ pub(crate) struct Ctx<'a> {
 /// another, so a deployment that cannot start does not spin.
 pub(crate) const POOL_RETRY_DELAY: Duration = Duration::from_secs(5);
 
+/// This many crashes of a region's processes within the window is a crash loop: the warm pool
+/// pauses (`POOL_RETRY_DELAY`) instead of replacing them at once.
+pub(crate) const CRASH_LOOP_CRASHES: usize = 3;
+pub(crate) const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(30);
+
 /// Something to do once the shard lock is released.
 #[derive(Debug)]
 pub(crate) enum Effect {
@@ -235,8 +240,12 @@ pub(crate) struct ShardState {
     index: FastMap<u32, DeploymentIndex>,
     live_processes: u32,
     pub(crate) policy: RegionPolicy,
-    /// The warm pool starts nothing before this (set after a process failed to start).
-    pool_paused_until: Option<Instant>,
+    /// The warm pool starts no process of this deployment before this instant (set after one
+    /// failed to start, or several crashed in a row).
+    pool_paused: Option<(u32, Instant)>,
+    /// When processes of the region last crashed (exited non-zero while RUNNING or
+    /// DRAINING), within `CRASH_LOOP_WINDOW`.
+    recent_crashes: VecDeque<Instant>,
     /// Rooms created per unix second, for usage reports.
     rooms_created: BTreeMap<i64, u64>,
 }
@@ -914,6 +923,20 @@ impl ShardState {
                 tracing::warn!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, %status, "process exited by itself");
                 txn.notify = true;
                 self.record_process(pid, txn);
+                if !status.success() {
+                    // One crash is replaced at once; a crash loop pauses the pool.
+                    self.recent_crashes.push_back(ctx.instant);
+                    while self
+                        .recent_crashes
+                        .front()
+                        .is_some_and(|t| *t + CRASH_LOOP_WINDOW < ctx.instant)
+                    {
+                        self.recent_crashes.pop_front();
+                    }
+                    if self.recent_crashes.len() >= CRASH_LOOP_CRASHES {
+                        self.pause_pool(ctx, pid, txn);
+                    }
+                }
             }
             ProcessStatus::Stopping => {
                 self.update(pid, |e| {
@@ -962,16 +985,9 @@ impl ShardState {
             return;
         };
         tracing::warn!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, reason, "process failed to start");
-        if self.policy.wants_pool() {
-            // Do not let the warm pool replace it at once: a deployment that cannot start
-            // would spin. The pool resumes after a pause.
-            let deadline = ctx.instant + POOL_RETRY_DELAY;
-            self.pool_paused_until = Some(deadline);
-            txn.effects.push(Effect::PoolTimer {
-                process_id: pid,
-                deadline,
-            });
-        }
+        // Do not let the warm pool replace it at once: a deployment that cannot start would
+        // spin. The pool resumes after a pause.
+        self.pause_pool(ctx, pid, txn);
         let own = Arc::clone(&self.processes[&pid].deployment);
         for room_id in rooms {
             let attempts = self
@@ -1075,13 +1091,32 @@ impl ShardState {
             || idx.free_slots - free < u64::from(self.policy.buffer_rooms)
     }
 
+    /// Keeps the warm pool from starting processes of `pid`'s deployment for a while.
+    fn pause_pool(&mut self, ctx: &Ctx<'_>, pid: ProcessId, txn: &mut Txn) {
+        let Some(e) = self.processes.get(&pid) else {
+            return;
+        };
+        if !self.policy.wants_pool() {
+            return;
+        }
+        let deadline = ctx.instant + POOL_RETRY_DELAY;
+        self.pool_paused = Some((e.process.deployment_id, deadline));
+        txn.effects.push(Effect::PoolTimer {
+            process_id: pid,
+            deadline,
+        });
+    }
+
     /// Starts processes of the latest deployment until the region has its minimum of
     /// processes and its buffer of free slots, within the process limit. Runs at the end of
     /// every change of the shard, under its lock, so placements and the pool never count the
     /// same free slot twice.
     pub(crate) fn reconcile_pool(&mut self, ctx: &Ctx<'_>, txn: &mut Txn) {
         let Some(latest) = &ctx.latest else { return };
-        if !self.policy.wants_pool() || self.pool_paused_until.is_some_and(|t| t > ctx.instant) {
+        let paused = self
+            .pool_paused
+            .is_some_and(|(dep, until)| dep == latest.deployment_id && until > ctx.instant);
+        if !self.policy.wants_pool() || paused {
             return;
         }
         loop {
