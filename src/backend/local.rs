@@ -73,6 +73,8 @@ struct Running {
     ports: Vec<u16>,
     /// Flips to true once the process has exited and been reaped.
     exited: watch::Receiver<bool>,
+    /// SIGTERM already sent by `stop` (shutdown must not send a second one).
+    terminated: bool,
 }
 
 fn lock(state: &Mutex<LocalState>) -> std::sync::MutexGuard<'_, LocalState> {
@@ -103,9 +105,15 @@ impl LocalState {
     }
 }
 
+/// Nothing may hold the port: a bind must succeed (TCP and UDP), and no socket of any state
+/// may use it — a TCP bind test passes despite TIME_WAIT connections (SO_REUSEADDR), which a
+/// game server binding without that option would trip over.
 fn port_is_free(port: u16) -> bool {
     std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
         && std::net::UdpSocket::bind(("0.0.0.0", port)).is_ok()
+        && !["tcp", "tcp6", "udp", "udp6"]
+            .iter()
+            .any(|t| socket_table(t).iter().any(|s| s.port == port))
 }
 
 impl Local {
@@ -253,6 +261,7 @@ impl Backend for Local {
                 pgid,
                 ports: ports.clone(),
                 exited: exited_rx,
+                terminated: false,
             },
         );
 
@@ -312,19 +321,20 @@ impl Backend for Local {
                     }
                 }
             }
-            let _ = exited_tx.send(true);
             tracing::info!(process_id = %pid, %status, "game server exited");
+            // Report the exit before waking whoever waits for it (Backend::shutdown), so that a
+            // barrier sent after the wait is ordered after the exit event.
             events.exited(pid, status);
+            let _ = exited_tx.send(true);
         });
         Ok(())
     }
 
     fn stop(&self, process_id: ProcessId, grace: Duration) {
-        let Some((pgid, mut exited)) = lock(&self.state)
-            .processes
-            .get(&process_id)
-            .map(|p| (p.pgid, p.exited.clone()))
-        else {
+        let Some((pgid, mut exited)) = lock(&self.state).processes.get_mut(&process_id).map(|p| {
+            p.terminated = true;
+            (p.pgid, p.exited.clone())
+        }) else {
             return;
         };
         if grace.is_zero() {
@@ -346,20 +356,22 @@ impl Backend for Local {
     }
 
     fn shutdown(&self, grace: Duration) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        let all: Vec<(i32, watch::Receiver<bool>)> = lock(&self.state)
+        let all: Vec<(i32, watch::Receiver<bool>, bool)> = lock(&self.state)
             .processes
             .values()
-            .map(|p| (p.pgid, p.exited.clone()))
+            .map(|p| (p.pgid, p.exited.clone(), p.terminated))
             .collect();
         Box::pin(async move {
             if all.is_empty() {
                 return;
             }
             tracing::info!(processes = all.len(), "stopping every game server");
-            for (pgid, _) in &all {
-                Local::signal(*pgid, Signal::SIGTERM);
+            for (pgid, _, terminated) in &all {
+                if !terminated {
+                    Local::signal(*pgid, Signal::SIGTERM);
+                }
             }
-            for (pgid, mut exited) in all {
+            for (pgid, mut exited, _) in all {
                 if tokio::time::timeout(grace, exited.wait_for(|e| *e))
                     .await
                     .is_err()
@@ -390,29 +402,43 @@ fn port_bound_by_group(port: u16, udp: bool, pgid: i32) -> bool {
     } else {
         &["tcp", "tcp6", "udp", "udp6"]
     };
-    let inodes: HashSet<u64> = tables
-        .iter()
-        .flat_map(|t| socket_inodes(&format!("/proc/net/{t}"), port, t.starts_with("tcp")))
-        .collect();
+    let inodes: HashSet<u64> = tables.iter().flat_map(|t| socket_inodes(t, port)).collect();
     !inodes.is_empty() && group_holds_any(pgid, &inodes)
 }
 
-/// Inodes of the sockets in a `/proc/net` table bound to `port` (TCP: only LISTEN ones).
-fn socket_inodes(table: &str, port: u16, tcp: bool) -> Vec<u64> {
-    let Ok(text) = std::fs::read_to_string(table) else {
+/// One socket of a `/proc/net` table.
+struct SocketEntry {
+    port: u16,
+    /// Kernel state, hex (`0A` is TCP LISTEN).
+    state: String,
+    inode: u64,
+}
+
+/// The sockets of `/proc/net/<table>` (`tcp`, `tcp6`, `udp`, `udp6`).
+fn socket_table(table: &str) -> Vec<SocketEntry> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/net/{table}")) else {
         return vec![];
     };
     text.lines()
         .skip(1)
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let local_port = u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?;
-            let state = *f.get(3)?;
-            let listening = !tcp || state == "0A";
-            (local_port == port && listening)
-                .then(|| f.get(9)?.parse().ok())
-                .flatten()
+            Some(SocketEntry {
+                port: u16::from_str_radix(f.get(1)?.rsplit(':').next()?, 16).ok()?,
+                state: f.get(3)?.to_string(),
+                inode: f.get(9)?.parse().ok()?,
+            })
         })
+        .collect()
+}
+
+/// Inodes of the sockets of a table bound to `port` (TCP: only listening ones).
+fn socket_inodes(table: &str, port: u16) -> Vec<u64> {
+    let tcp = table.starts_with("tcp");
+    socket_table(table)
+        .into_iter()
+        .filter(|s| s.port == port && (!tcp || s.state == "0A"))
+        .map(|s| s.inode)
         .collect()
 }
 
