@@ -171,8 +171,14 @@ fn process_not_found(pid: ProcessId) -> Error {
 /// 13 lowercase base-36 characters.
 fn generate_room_id() -> String {
     const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    // 13 base-36 digits of one random 128-bit number (36^13 < 2^68): one RNG call, not 13.
+    let mut n: u128 = rand::random();
     (0..13)
-        .map(|_| ALPHABET[rand::random_range(0..36)] as char)
+        .map(|_| {
+            let digit = (n % 36) as usize;
+            n /= 36;
+            ALPHABET[digit] as char
+        })
         .collect()
 }
 
@@ -792,13 +798,16 @@ impl Scheduler {
         let requested_deployment = req.deployment_id.filter(|d| *d != 0);
         self.check_open()?;
         let app = self.app(&req.app_id)?;
-        app.target_deployment(requested_deployment)?;
         let config = req.room_config;
         let app2 = Arc::clone(&app);
         self.change(&app, region, move |state, ctx, txn| {
-            // Read the target deployment under the shard lock: a deployment created meanwhile
-            // drains this shard only after we release it, so nothing placed here escapes.
-            let dep = app2.target_deployment(requested_deployment)?;
+            // The target deployment as read under the shard lock (`ctx.latest`): a deployment
+            // created meanwhile drains this shard only after we release it, so nothing placed
+            // here escapes.
+            let dep = match requested_deployment {
+                Some(id) => app2.deployment(id)?,
+                None => ctx.latest.clone().ok_or_else(|| no_deployment(&app2.app_id))?,
+            };
             loop {
                 let room_id = requested_id.clone().unwrap_or_else(generate_room_id);
                 match app2.rooms.entry(room_id) {
