@@ -73,7 +73,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub rate: Option<f64>,
     /// Also run this workload on the same target, alternating with the main one, and print
-    /// the ratio of their throughputs (e.g. `--compare health`).
+    /// the ratio of their throughputs (e.g. `--compare health`). `--duration` is then shared:
+    /// each of the two workloads runs duration / (2 × rounds) per round.
     #[arg(long, value_enum)]
     pub compare: Option<Workload>,
     /// Rounds of the main and the compared workload when comparing.
@@ -213,6 +214,15 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
     cleanup(&target, &app, &args).await;
     result?;
     print_reports(&args, &reports);
+    let (requests, errors) = reports
+        .iter()
+        .fold((0, 0), |(r, e), x| (r + x.requests, e + x.errors));
+    if errors > requests {
+        return Err(BenchError::Setup(format!(
+            "{errors} of {} requests failed: the figures above are not meaningful",
+            requests + errors
+        )));
+    }
     Ok(reports)
 }
 
@@ -624,7 +634,18 @@ async fn measure(
         }
     }
     progress.abort();
-    let seconds = duration.as_secs_f64();
+    // From the end of the warm-up to the last answer: an open loop that cannot keep up runs
+    // past its deadline, and its throughput is what was achieved, not what was offered.
+    let seconds = (Instant::now() - measure_from).as_secs_f64();
+    if let Some(rate) = args.rate {
+        let achieved = shared.requests.load(Ordering::Relaxed) as f64 / seconds;
+        if achieved < rate * 0.95 {
+            eprintln!(
+                "warning: {} requests/s offered but only {achieved:.0} achieved: the target cannot keep up",
+                rate
+            );
+        }
+    }
     let errors = shared.errors.load(Ordering::Relaxed);
     if let Some(err) = shared
         .first_error

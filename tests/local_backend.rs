@@ -1400,3 +1400,31 @@ async fn serve_with_the_local_backend_leaves_no_game_server_after_sigterm() {
         );
     }
 }
+
+/// The local backend runs the deployment's command: a deployment without one is refused at
+/// once (and starts nothing), instead of failing every process it would start.
+#[tokio::test]
+async fn a_deployment_without_a_command_is_refused() {
+    let dir = std::env::temp_dir().join(format!("roomsched-nocmd-{}", std::process::id()));
+    let s = Scheduler::builder()
+        .regions(["Frankfurt"])
+        .backend(Local::new(LocalConfig {
+            log_dir: dir.clone(),
+            ..Default::default()
+        }))
+        .build()
+        .expect("scheduler");
+    let spec = DeploymentSpec {
+        rooms_per_process: 4,
+        container_port: 7777,
+        ..Default::default()
+    };
+    match s.create_deployment(APP, spec).await {
+        Err(roomsched::Error::InvalidArgument {
+            field: "command", ..
+        }) => {}
+        other => panic!("expected INVALID_ARGUMENT on command, got {other:?}"),
+    }
+    assert!(s.list_deployments(APP).await.expect("list").is_empty());
+    let _ = std::fs::remove_dir_all(dir);
+}

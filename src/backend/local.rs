@@ -351,6 +351,10 @@ impl Backend for Local {
         });
     }
 
+    fn runs_commands(&self) -> bool {
+        true
+    }
+
     fn log_path(&self, process_id: ProcessId) -> Option<PathBuf> {
         Some(self.log_file(process_id))
     }

@@ -127,6 +127,12 @@ pub trait Backend: Send + Sync + 'static {
     /// process does nothing.
     fn stop(&self, process_id: ProcessId, grace: Duration);
 
+    /// Whether processes are started from the deployment's `command` (deployments without
+    /// one are then refused).
+    fn runs_commands(&self) -> bool {
+        false
+    }
+
     /// Where the process's output is written, if the backend keeps it.
     fn log_path(&self, _process_id: ProcessId) -> Option<PathBuf> {
         None

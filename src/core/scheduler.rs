@@ -692,6 +692,16 @@ impl Scheduler {
     ) -> Result<Deployment> {
         validate::app_id(app_id)?;
         let container_port = validate::deployment(&spec)?;
+        if spec.command.is_empty() && self.inner.backend.runs_commands() {
+            return Err(Error::invalid(
+                "command",
+                format!(
+                    "the {} backend runs each process from the deployment's command: give its \
+                     argv ({{port}} is replaced by the process's port)",
+                    self.inner.backend.name()
+                ),
+            ));
+        }
         self.check_open()?;
         let app = Arc::clone(
             self.inner
