@@ -1112,7 +1112,12 @@ fn process_json(p: &pb::Process) -> Value {
         "rooms_per_process": p.rooms_per_process,
         "rooms_allocated": p.rooms_allocated,
         "rooms": format!("{}/{}", p.rooms_allocated, p.rooms_per_process),
-        "address": p.exposed_port.as_ref().map(|e| format!("{}:{}", e.host, e.port)),
+        // Where players connect, while they can (the exposed port itself stays on record).
+        "address": p
+            .exposed_port
+            .as_ref()
+            .filter(|_| matches!(p.status(), pb::ProcessStatus::Running | pb::ProcessStatus::Draining))
+            .map(|e| format!("{}:{}", e.host, e.port)),
         "exposed_port": p.exposed_port.as_ref().map(port_json),
         "additional_exposed_ports": p.additional_exposed_ports.iter().map(port_json).collect::<Vec<_>>(),
         "created_at": ts(&p.created_at),
