@@ -830,7 +830,7 @@ impl Scheduler {
                             )));
                         }
                         match state.room_config_matches(id, &config) {
-                            Some((false, true)) => return placement(state, id),
+                            Some((false, true)) => return state.placement(id),
                             Some((true, _)) => {
                                 return Err(Error::AlreadyExists(format!(
                                     "room {id:?} was already used and destroyed"
@@ -850,7 +850,7 @@ impl Scheduler {
                         let id = slot.key().clone();
                         slot.insert(region);
                         tracing::debug!(app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
-                        return placement(state, &id);
+                        return state.placement(&id);
                     }
                 }
             }
@@ -1187,17 +1187,6 @@ fn not_found_if_no_app(e: Error) -> Error {
         Error::FailedPrecondition(m) => Error::NotFound(m),
         e => e,
     }
-}
-
-fn placement(state: &ShardState, room_id: &str) -> Result<RoomPlacement> {
-    let (process_id, status, exposed_port, additional_exposed_ports) = state.placement(room_id)?;
-    Ok(RoomPlacement {
-        room_id: room_id.to_string(),
-        process_id,
-        status,
-        exposed_port,
-        additional_exposed_ports,
-    })
 }
 
 /// Position in the newest-first order of `list_processes`: (−created_at, process id).

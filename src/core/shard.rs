@@ -17,7 +17,8 @@
 use super::error::{Error, Result};
 use super::types::{
     ConnectionInfo, ConnectionStatus, Deployment, ExposedPort, PlacementStrategy, Process,
-    ProcessId, ProcessStatus, RegionPolicy, RegionUsage, Room, RoomAllocation, RoomStatus,
+    ProcessId, ProcessStatus, RegionPolicy, RegionUsage, Room, RoomAllocation, RoomPlacement,
+    RoomStatus,
 };
 use crate::backend::ExitStatus;
 use crate::store::Record;
@@ -324,12 +325,17 @@ impl ShardState {
         }
     }
 
-    pub(crate) fn connection_info(&self, room_id: &str) -> Result<ConnectionInfo> {
+    /// A live room and the process it is on.
+    fn live_room_on(&self, room_id: &str) -> Result<(&RoomEntry, ProcessId, &Process)> {
         let entry = self.live_room(room_id)?;
         let pid = entry
             .current_process()
             .ok_or_else(|| Error::Internal("live room without process".into()))?;
-        let p = &self.processes[&pid].process;
+        Ok((entry, pid, &self.processes[&pid].process))
+    }
+
+    pub(crate) fn connection_info(&self, room_id: &str) -> Result<ConnectionInfo> {
+        let (_, pid, p) = self.live_room_on(room_id)?;
         let active = p.status != ProcessStatus::Starting;
         Ok(ConnectionInfo {
             room_id: room_id.to_string(),
@@ -349,21 +355,15 @@ impl ShardState {
     }
 
     /// Where a live room is: its process, the room's status and the process's ports.
-    pub(crate) fn placement(
-        &self,
-        room_id: &str,
-    ) -> Result<(ProcessId, RoomStatus, Option<ExposedPort>, Vec<ExposedPort>)> {
-        let entry = self.live_room(room_id)?;
-        let pid = entry
-            .current_process()
-            .ok_or_else(|| Error::Internal("live room without process".into()))?;
-        let p = &self.processes[&pid].process;
-        Ok((
-            pid,
-            self.room_status(entry),
-            p.exposed_port.clone(),
-            p.additional_exposed_ports.clone(),
-        ))
+    pub(crate) fn placement(&self, room_id: &str) -> Result<RoomPlacement> {
+        let (entry, process_id, p) = self.live_room_on(room_id)?;
+        Ok(RoomPlacement {
+            room_id: room_id.to_string(),
+            process_id,
+            status: self.room_status(entry),
+            exposed_port: p.exposed_port.clone(),
+            additional_exposed_ports: p.additional_exposed_ports.clone(),
+        })
     }
 
     pub(crate) fn room_config_matches(&self, room_id: &str, config: &str) -> Option<(bool, bool)> {

@@ -257,27 +257,7 @@ impl TestServer {
         app_id: &str,
         process_id: &str,
     ) -> TestResult<Vec<pb::Room>> {
-        // Page through, as a client of a process with many rooms must.
-        let mut rooms = Vec::new();
-        let mut page_token = String::new();
-        loop {
-            let page = self
-                .rooms
-                .clone()
-                .list_active_rooms_for_process(pb::ListRoomsForProcessRequest {
-                    app_id: app_id.into(),
-                    process_id: process_id.into(),
-                    page_size: 1000,
-                    page_token,
-                })
-                .await?
-                .into_inner();
-            rooms.extend(page.rooms);
-            if page.next_page_token.is_empty() {
-                return Ok(rooms);
-            }
-            page_token = page.next_page_token;
-        }
+        self.rooms_of(app_id, process_id, false).await
     }
 
     pub(crate) async fn inactive_rooms(
@@ -285,21 +265,33 @@ impl TestServer {
         app_id: &str,
         process_id: &str,
     ) -> TestResult<Vec<pb::Room>> {
-        // Page through, as a client of a process with many rooms must.
+        self.rooms_of(app_id, process_id, true).await
+    }
+
+    /// Every page of ListActive/InactiveRoomsForProcess, as a client of a process with many
+    /// rooms must read them.
+    async fn rooms_of(
+        &self,
+        app_id: &str,
+        process_id: &str,
+        inactive: bool,
+    ) -> TestResult<Vec<pb::Room>> {
+        let mut client = self.rooms.clone();
         let mut rooms = Vec::new();
         let mut page_token = String::new();
         loop {
-            let page = self
-                .rooms
-                .clone()
-                .list_inactive_rooms_for_process(pb::ListRoomsForProcessRequest {
-                    app_id: app_id.into(),
-                    process_id: process_id.into(),
-                    page_size: 1000,
-                    page_token,
-                })
-                .await?
-                .into_inner();
+            let req = pb::ListRoomsForProcessRequest {
+                app_id: app_id.into(),
+                process_id: process_id.into(),
+                page_size: 1000,
+                page_token,
+            };
+            let page = if inactive {
+                client.list_inactive_rooms_for_process(req).await?
+            } else {
+                client.list_active_rooms_for_process(req).await?
+            }
+            .into_inner();
             rooms.extend(page.rooms);
             if page.next_page_token.is_empty() {
                 return Ok(rooms);
