@@ -132,8 +132,10 @@ pub struct ServeArgs {
     /// Directory for the durable store and process logs.
     #[arg(long, env = "ROOMSCHED_DATA_DIR", default_value = "./roomsched-data")]
     pub data_dir: PathBuf,
-    /// Where state is kept. Only `memory` exists so far (nothing survives a restart).
-    #[arg(long, env = "ROOMSCHED_STORE", value_enum, default_value = "memory")]
+    /// Where state is kept: `durable` (in <data-dir>/roomsched.redb, every change on disk
+    /// before it is acknowledged, game servers outlive a restart) or `memory` (nothing
+    /// survives a restart; game servers are stopped when roomsched exits).
+    #[arg(long, env = "ROOMSCHED_STORE", value_enum, default_value = "durable")]
     pub store: StoreKind,
     /// What starts processes: `simulated` (in memory) or `local` (real OS processes from the
     /// deployment's command, logs under <data-dir>/logs).
@@ -430,11 +432,6 @@ pub enum CliError {
 
 /// Runs `roomsched serve` until SIGINT or SIGTERM.
 pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
-    if args.store == StoreKind::Durable {
-        return Err(CliError::Usage(
-            "--store durable is not available yet; use --store memory".into(),
-        ));
-    }
     let backend: std::sync::Arc<dyn crate::backend::Backend> = match args.backend {
         BackendKind::Simulated => std::sync::Arc::new(Simulated::new(SimulatedConfig {
             start_delay: args.sim_start_delay,
@@ -463,6 +460,12 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     if let Some(regions) = args.regions {
         builder = builder.regions(regions);
     }
+    if args.store == StoreKind::Durable {
+        let store = crate::store::DurableStore::open(&args.data_dir)
+            .map_err(|e| CliError::Usage(e.to_string()))?;
+        tracing::info!(path = %store.path().display(), "durable store opened");
+        builder = builder.store(store);
+    }
     let scheduler = builder.build()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
@@ -470,7 +473,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
     let addr = listener.local_addr()?;
     tracing::info!(
         %addr,
-        store = "memory",
+        store = ?args.store,
         backend = ?args.backend,
         regions = scheduler.regions().join(","),
         "roomsched listening"
@@ -480,8 +483,16 @@ pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
         ..Default::default()
     };
     server::run(listener, scheduler.clone(), config, shutdown_signal()).await?;
-    // Game servers do not outlive roomsched: stop them (SIGTERM, SIGKILL after the grace).
-    scheduler.stop_all_processes().await;
+    match args.store {
+        // Every acknowledged change is already on disk; the game servers keep running and
+        // are adopted again at the next start.
+        StoreKind::Durable => {
+            scheduler.shutdown();
+            tracing::info!("stopped; game servers keep running and are adopted at the next start");
+        }
+        // Nothing could adopt them: stop them (SIGTERM, SIGKILL after the grace).
+        StoreKind::Memory => scheduler.stop_all_processes().await,
+    }
     Ok(())
 }
 

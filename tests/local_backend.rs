@@ -1200,9 +1200,22 @@ struct Serve {
 }
 
 impl Serve {
+    /// `roomsched serve` with the local backend and the memory store (game servers are
+    /// stopped when it exits).
     fn spawn(data_dir: &Path, tag: &str) -> Serve {
+        Serve::spawn_with_store(data_dir, tag, "memory")
+    }
+
+    fn spawn_with_store(data_dir: &Path, tag: &str, store: &str) -> Serve {
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"))
-            .args(["serve", "--backend", "local", "--data-dir"])
+            .args([
+                "serve",
+                "--backend",
+                "local",
+                "--store",
+                store,
+                "--data-dir",
+            ])
             .arg(data_dir)
             .args([
                 "--listen",

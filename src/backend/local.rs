@@ -12,10 +12,13 @@
 //! - **Stop**: SIGTERM to the group, SIGKILL after the grace period.
 //! - **Logs**: stdout and stderr go to `<log dir>/<process id>.log`.
 //! - **Shutdown**: [`Backend::shutdown`] stops every process it started (SIGTERM, then SIGKILL
-//!   after the grace). Game servers do not outlive a clean roomsched shutdown; after a crash of
-//!   roomsched itself (SIGKILL) they keep running until the durable store can adopt them.
+//!   after the grace), for hosts that want no game server to outlive them.
+//! - **Adoption**: after roomsched restarts, a game server it started before is found again by
+//!   the `HATHORA_PROCESS_ID` in its environment (the leader of its own process group), and
+//!   watched by polling `/proc/<pid>` (same pid *and* same start time, so a reused pid is not
+//!   mistaken for it). It is not our child any more, so its exit code cannot be known.
 
-use super::{Backend, BackendError, ExitStatus, StartSpec};
+use super::{AdoptSpec, Backend, BackendError, ExitStatus, StartSpec};
 use crate::core::types::{ExposedPort, ProcessId};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
@@ -64,6 +67,18 @@ struct LocalState {
     next_port: u16,
     ports_in_use: HashSet<u16>,
     processes: HashMap<ProcessId, Running>,
+    /// Game servers of a previous run, by process id: found once, at the first adoption.
+    orphans: Option<HashMap<ProcessId, Orphan>>,
+}
+
+/// A game server found in `/proc` that roomsched started before a restart.
+#[derive(Debug, Clone)]
+struct Orphan {
+    pid: i32,
+    start_time: u64,
+    /// Its `PORT` (the main port) and `HATHORA_PORT_<NAME>` variables.
+    main_port: Option<u16>,
+    named_ports: Vec<(String, u16)>,
 }
 
 #[derive(Debug)]
@@ -351,6 +366,24 @@ impl Backend for Local {
         });
     }
 
+    fn adopt(&self, spec: AdoptSpec) {
+        let pid = spec.process.process_id;
+        let orphan = {
+            let mut st = lock(&self.state);
+            if st.processes.contains_key(&pid) {
+                return; // still ours (started by this run)
+            }
+            st.orphans.get_or_insert_with(find_orphans).remove(&pid)
+        };
+        match orphan {
+            Some(orphan) => self.watch_orphan(spec, orphan),
+            None => {
+                tracing::info!(process_id = %pid, "game server from before the restart is gone");
+                spec.events.exited(pid, ExitStatus::Unknown);
+            }
+        }
+    }
+
     fn runs_commands(&self) -> bool {
         true
     }
@@ -387,6 +420,151 @@ impl Backend for Local {
             }
         })
     }
+}
+
+impl Local {
+    /// Watches an adopted game server until it exits: its bind if it was STARTING, its exit by
+    /// polling `/proc` (it is not our child).
+    fn watch_orphan(&self, spec: AdoptSpec, orphan: Orphan) {
+        let (pid, dep) = (spec.process.process_id, &spec.deployment);
+        let main = orphan.main_port.unwrap_or(0);
+        let mut ports: Vec<u16> = orphan.main_port.into_iter().collect();
+        ports.extend(orphan.named_ports.iter().map(|(_, p)| *p));
+        let (exited_tx, exited_rx) = watch::channel(false);
+        {
+            let mut st = lock(&self.state);
+            st.ports_in_use.extend(ports.iter().copied());
+            st.processes.insert(
+                pid,
+                Running {
+                    pgid: orphan.pid,
+                    ports,
+                    exited: exited_rx,
+                    terminated: false,
+                },
+            );
+        }
+        tracing::info!(process_id = %pid, pid = orphan.pid, "game server adopted again");
+        let exposed = ExposedPort {
+            host: self.config.host.clone(),
+            name: "default".to_string(),
+            port: main,
+            transport_type: dep.transport_type,
+        };
+        let additional: Vec<ExposedPort> = dep
+            .additional_container_ports
+            .iter()
+            .filter_map(|cp| {
+                let key = cp.name.to_uppercase().replace('-', "_");
+                let port = orphan.named_ports.iter().find(|(n, _)| *n == key)?.1;
+                Some(ExposedPort {
+                    host: self.config.host.clone(),
+                    name: cp.name.clone(),
+                    port,
+                    transport_type: cp.transport_type,
+                })
+            })
+            .collect();
+        let udp = matches!(dep.transport_type, crate::core::types::TransportType::Udp);
+        let starting = spec.process.status == crate::core::types::ProcessStatus::Starting;
+        let (events, state, poll) = (
+            spec.events,
+            Arc::clone(&self.state),
+            self.config.bind_poll.max(Duration::from_millis(100)),
+        );
+        tokio::spawn(async move {
+            let mut bound = !starting || main == 0;
+            let mut tick = tokio::time::interval(poll);
+            loop {
+                tick.tick().await;
+                if start_time_of(orphan.pid) != Some(orphan.start_time) {
+                    break;
+                }
+                if !bound && port_bound_by_group(main, udp, orphan.pid) {
+                    bound = true;
+                    events.bound(pid, exposed.clone(), additional.clone());
+                }
+            }
+            Local::signal(orphan.pid, Signal::SIGKILL);
+            {
+                let mut st = lock(&state);
+                if let Some(p) = st.processes.remove(&pid) {
+                    for port in p.ports {
+                        st.ports_in_use.remove(&port);
+                    }
+                }
+            }
+            tracing::info!(process_id = %pid, "adopted game server exited");
+            events.exited(pid, ExitStatus::Unknown);
+            let _ = exited_tx.send(true);
+        });
+    }
+}
+
+/// Every process on the machine started by roomsched (it carries `HATHORA_PROCESS_ID`) that
+/// leads its own process group, by process id.
+fn find_orphans() -> HashMap<ProcessId, Orphan> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return HashMap::new();
+    };
+    let mut found = HashMap::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if process_group_of(&entry.path()) != Some(pid) {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let mut id = None;
+        let mut orphan = Orphan {
+            pid,
+            start_time: 0,
+            main_port: None,
+            named_ports: vec![],
+        };
+        for var in environ.split(|b| *b == 0) {
+            let Some((k, v)) = std::str::from_utf8(var)
+                .ok()
+                .and_then(|v| v.split_once('='))
+            else {
+                continue;
+            };
+            match k {
+                "HATHORA_PROCESS_ID" => id = ProcessId::parse_str(v).ok(),
+                "PORT" => orphan.main_port = v.parse().ok(),
+                k => {
+                    if let (Some(name), Ok(port)) = (k.strip_prefix("HATHORA_PORT_"), v.parse()) {
+                        orphan.named_ports.push((name.to_string(), port));
+                    }
+                }
+            }
+        }
+        let (Some(id), Some(start_time)) = (id, start_time_of(pid)) else {
+            continue;
+        };
+        orphan.start_time = start_time;
+        found.insert(id, orphan);
+    }
+    found
+}
+
+/// When a live (not zombie) process started, in clock ticks since boot (`/proc/<pid>/stat`
+/// field 22); `None` once it is gone.
+fn start_time_of(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // After the comm: state is field 3, starttime field 22.
+    if fields.first() == Some(&"Z") || fields.first() == Some(&"X") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
 }
 
 fn exit_status(s: std::process::ExitStatus) -> ExitStatus {

@@ -6,7 +6,7 @@
 pub mod local;
 pub mod simulated;
 
-use crate::core::types::{Deployment, ExposedPort, ProcessId};
+use crate::core::types::{Deployment, ExposedPort, Process, ProcessId};
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -31,11 +31,24 @@ pub struct StartSpec {
     pub events: ProcessEvents,
 }
 
+/// A process started before the scheduler restarted, to be taken back (see
+/// [`Backend::adopt`]).
+#[derive(Debug, Clone)]
+pub struct AdoptSpec {
+    /// The process as stored: its status says what to watch for (a STARTING one may still
+    /// bind; a STOPPING one is stopped again by the scheduler).
+    pub process: Process,
+    pub deployment: Arc<Deployment>,
+    pub events: ProcessEvents,
+}
+
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
+    /// It ended while roomsched was not watching it (e.g. during a restart).
+    Unknown,
 }
 
 impl ExitStatus {
@@ -49,6 +62,7 @@ impl std::fmt::Display for ExitStatus {
         match self {
             ExitStatus::Code(c) => write!(f, "exited with code {c}"),
             ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
+            ExitStatus::Unknown => write!(f, "exited while roomsched was down (status unknown)"),
         }
     }
 }
@@ -126,6 +140,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Reports the exit through the process's events. Stopping an unknown or already exited
     /// process does nothing.
     fn stop(&self, process_id: ProcessId, grace: Duration);
+
+    /// Takes back a process started before the scheduler restarted: if it is still alive, the
+    /// backend watches it again (bind, exit) and can stop it; if it is gone, it reports an
+    /// exit ([`ExitStatus::Unknown`] when the status cannot be known). The default, for
+    /// backends whose processes cannot outlive the scheduler, reports every process gone.
+    fn adopt(&self, spec: AdoptSpec) {
+        spec.events
+            .exited(spec.process.process_id, ExitStatus::Unknown);
+    }
 
     /// Whether processes are started from the deployment's `command` (deployments without
     /// one are then refused).

@@ -1,8 +1,10 @@
 //! The simulated backend: processes exist only in memory, for tests, demos and benchmarks.
 //! A process "binds" after a configurable delay on a port taken from a range, unless fault
-//! injection says it never becomes ready or crashes after a while.
+//! injection says it never becomes ready or crashes after a while. Simulated processes survive
+//! a restart of the scheduler: adopting one keeps its ports (a STARTING one binds after the
+//! start delay).
 
-use super::{Backend, BackendError, ExitStatus, StartSpec};
+use super::{AdoptSpec, Backend, BackendError, ExitStatus, StartSpec};
 use crate::core::types::{ExposedPort, ProcessId};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -179,6 +181,43 @@ impl Backend for Simulated {
             },
         );
         Ok(())
+    }
+
+    fn adopt(&self, spec: AdoptSpec) {
+        let p = &spec.process;
+        if lock(&self.state).processes.contains_key(&p.process_id) {
+            return;
+        }
+        if p.status == crate::core::types::ProcessStatus::Starting {
+            // It had not bound yet: it starts over.
+            let start = StartSpec {
+                process_id: p.process_id,
+                app_id: p.app_id.clone(),
+                region: p.region.clone(),
+                deployment: spec.deployment,
+                initial_room: None,
+                events: spec.events.clone(),
+            };
+            if let Err(e) = self.start(start) {
+                tracing::warn!(process_id = %p.process_id, %e, "simulated process could not start again");
+                spec.events.exited(p.process_id, ExitStatus::Code(1));
+            }
+            return;
+        }
+        let ports: Vec<u16> = p
+            .exposed_port
+            .iter()
+            .chain(&p.additional_exposed_ports)
+            .map(|e| e.port)
+            .collect();
+        let mut st = lock(&self.state);
+        st.ports_in_use.extend(ports.iter().copied());
+        let process = SimProcess {
+            ports,
+            task: tokio::spawn(async {}),
+            events: spec.events,
+        };
+        st.processes.insert(p.process_id, process);
     }
 
     fn stop(&self, process_id: ProcessId, _grace: Duration) {

@@ -14,6 +14,12 @@
 //! - `retention` is taken alone.
 //!
 //! Backend reports and timers arrive on one channel and are applied by one task, in order.
+//!
+//! Durability: the state lives in one [`State`] behind an `ArcSwap`. At build it is rebuilt
+//! from the store (and the backend adopts the live processes); when a commit fails, the state
+//! is *retired* (every change to it is refused under its lock), the store is reopened and a
+//! fresh `State` is rebuilt from what is on disk and swapped in — memory never runs ahead of
+//! the store, and the failed call returns UNAVAILABLE only once that is done.
 
 use super::clock::{Clock, SystemClock};
 use super::error::{Error, Result};
@@ -21,16 +27,18 @@ use super::shard::{Ctx, Effect, Limits, ShardState, Txn};
 use super::types::*;
 use super::validate;
 use crate::backend::{
-    Backend, ProcessEvent, ProcessEventKind, ProcessEvents, Simulated, StartSpec,
+    AdoptSpec, Backend, ProcessEvent, ProcessEventKind, ProcessEvents, Simulated, StartSpec,
 };
-use crate::store::{Commit, MemoryStore, Record, Store};
+use crate::store::{Commit, MemoryStore, ProcessRecord, Record, RoomRecord, Store};
+use arc_swap::ArcSwap;
 use chrono::{DateTime, Utc};
 use dashmap::mapref::entry::Entry;
 use dashmap::DashMap as SipDashMap;
 
 /// Concurrent maps keyed by ids, with foldhash (see `shard::FastMap`).
 type DashMap<K, V> = SipDashMap<K, V, foldhash::fast::RandomState>;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -80,13 +88,24 @@ struct Inner {
     clock: Arc<dyn Clock>,
     backend: Arc<dyn Backend>,
     store: Arc<dyn Store>,
+    state: ArcSwap<State>,
+    /// Held while memory is rolled back to the store after a failed commit.
+    rollback: tokio::sync::Mutex<()>,
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    closing: watch::Sender<bool>,
+}
+
+/// Everything the scheduler knows; replaced as a whole when memory is rolled back.
+#[derive(Default)]
+struct State {
     apps: DashMap<String, Arc<App>>,
     /// process id → where it lives (its app and region index).
     process_locations: DashMap<ProcessId, (Arc<App>, usize)>,
     /// Destroyed rooms, oldest first; past `retained_destroyed_rooms` the oldest are forgotten.
     retention: Mutex<VecDeque<(Arc<App>, usize, String)>>,
-    events: mpsc::UnboundedSender<ProcessEvent>,
-    closing: watch::Sender<bool>,
+    /// Set when this state is being replaced: shared with every app of the state, checked
+    /// under each lock that guards a change, so nothing changes it any more.
+    retired: Arc<AtomicBool>,
 }
 
 /// One app: its deployments, the index of its room ids, and one shard per configured region.
@@ -100,6 +119,8 @@ struct App {
     shards: Box<[OnceLock<Arc<Shard>>]>,
     /// The policy of a region until SetRegionPolicy changes it.
     default_policy: RegionPolicy,
+    /// Its [`State`]'s retired flag.
+    retired: Arc<AtomicBool>,
 }
 
 struct Shard {
@@ -115,6 +136,34 @@ impl Shard {
 }
 
 impl App {
+    fn new(
+        app_id: String,
+        regions: usize,
+        default_policy: RegionPolicy,
+        retired: &Arc<AtomicBool>,
+    ) -> App {
+        App {
+            app_id,
+            deployments: RwLock::default(),
+            rooms: DashMap::default(),
+            shards: (0..regions).map(|_| OnceLock::new()).collect(),
+            default_policy,
+            retired: Arc::clone(retired),
+        }
+    }
+
+    /// Changes are refused: memory is being rolled back to the store.
+    fn check_not_retired(&self) -> Result<()> {
+        if self.retired.load(Ordering::Acquire) {
+            return Err(Error::Unavailable(
+                "a write to the store failed; roomsched is rolling back to the last commit, \
+                 retry"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     fn shard(&self, region: usize) -> &Arc<Shard> {
         self.shards[region].get_or_init(|| {
             Arc::new(Shard {
@@ -320,24 +369,63 @@ impl SchedulerBuilder {
                 .backend
                 .unwrap_or_else(|| Arc::new(Simulated::default())),
             store: self.store.unwrap_or_else(|| Arc::new(MemoryStore)),
-            apps: DashMap::default(),
-            process_locations: DashMap::default(),
-            retention: Mutex::default(),
+            state: ArcSwap::default(),
+            rollback: tokio::sync::Mutex::new(()),
             events,
             closing: watch::Sender::new(false),
         });
-        runtime.spawn(event_loop(Arc::downgrade(&inner), rx));
-        Ok(Scheduler { inner })
+        let scheduler = Scheduler { inner };
+        let started = std::time::Instant::now();
+        let (state, effects) = scheduler.load_state(true)?;
+        let (apps, processes) = (state.apps.len(), state.process_locations.len());
+        scheduler.inner.state.store(Arc::new(state));
+        if apps > 0 {
+            tracing::info!(
+                apps,
+                processes,
+                took_ms = started.elapsed().as_millis() as u64,
+                "state restored from the store"
+            );
+        }
+        runtime.spawn(event_loop(Arc::downgrade(&scheduler.inner), rx));
+        for (app, region, effect) in effects {
+            scheduler.carry_out(&app, region, effect);
+        }
+        // Warm pools whose processes did not survive are refilled once their exits arrive;
+        // check every restored pool once anyway.
+        let this = scheduler.clone();
+        runtime.spawn(async move { this.reconcile_all_pools().await });
+        Ok(scheduler)
     }
 }
 
 /// Applies backend reports and timer firings, one at a time, until the scheduler is dropped.
+/// An event whose change could not be persisted is applied again once memory is rolled back
+/// (a process exit must not be lost to a full disk).
 async fn event_loop(inner: Weak<Inner>, mut rx: mpsc::UnboundedReceiver<ProcessEvent>) {
+    const ATTEMPTS: u32 = 10;
     while let Some(event) = rx.recv().await {
         let Some(inner) = inner.upgrade() else { return };
         let scheduler = Scheduler { inner };
-        if let Err(err) = scheduler.apply_event(event).await {
-            tracing::error!(%err, "could not apply a process event");
+        if let ProcessEventKind::Barrier(done) = event.kind {
+            let _ = done.send(());
+            continue;
+        }
+        for attempt in 1..=ATTEMPTS {
+            match scheduler.apply_event(&event).await {
+                Err(Error::Unavailable(err))
+                    if attempt < ATTEMPTS && scheduler.check_open().is_ok() =>
+                {
+                    tracing::warn!(%err, process_id = %event.process_id, attempt, "process event not persisted; trying again");
+                    let _ = scheduler.inner.rollback.lock().await;
+                    tokio::time::sleep(Duration::from_millis(100 << attempt.min(5))).await;
+                }
+                Err(err) => {
+                    tracing::error!(%err, process_id = %event.process_id, "could not apply a process event");
+                    break;
+                }
+                Ok(()) => break,
+            }
         }
     }
 }
@@ -358,7 +446,7 @@ impl Scheduler {
     pub async fn stop_all_processes(&self) {
         self.shutdown();
         let apps: Vec<Arc<App>> = self
-            .inner
+            .state()
             .apps
             .iter()
             .map(|a| Arc::clone(a.value()))
@@ -415,9 +503,17 @@ impl Scheduler {
 
     // ----- plumbing --------------------------------------------------------------------
 
+    fn state(&self) -> arc_swap::Guard<Arc<State>> {
+        self.inner.state.load()
+    }
+
+    fn existing_app(&self, app_id: &str) -> Option<Arc<App>> {
+        self.state().apps.get(app_id).map(|a| Arc::clone(a.value()))
+    }
+
     fn app(&self, app_id: &str) -> Result<Arc<App>> {
         validate::app_id(app_id)?;
-        self.inner
+        self.state()
             .apps
             .get(app_id)
             .map(|a| Arc::clone(a.value()))
@@ -428,8 +524,9 @@ impl Scheduler {
     fn locate_room(&self, app_id: &str, room_id: &str) -> Result<(Arc<App>, usize)> {
         validate::app_id(app_id)?;
         validate::room_id(room_id)?;
-        let app = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value()));
-        let app = app.ok_or_else(|| room_not_found(room_id))?;
+        let app = self
+            .existing_app(app_id)
+            .ok_or_else(|| room_not_found(room_id))?;
         let region = app
             .rooms
             .get(room_id)
@@ -442,7 +539,7 @@ impl Scheduler {
     fn locate_process(&self, app_id: &str, pid: ProcessId) -> Result<(Arc<App>, usize)> {
         validate::app_id(app_id)?;
         let loc = self
-            .inner
+            .state()
             .process_locations
             .get(&pid)
             .map(|l| (Arc::clone(&l.0), l.1));
@@ -481,6 +578,7 @@ impl Scheduler {
         let mut txn = Txn::new(self.inner.store.wants_records());
         let (out, commit) = {
             let mut state = shard.lock();
+            app.check_not_retired()?;
             let ctx = self.ctx(app, region);
             let out = f(&mut state, &ctx, &mut txn);
             if out.is_ok() && !*self.inner.closing.borrow() {
@@ -488,7 +586,8 @@ impl Scheduler {
             }
             for effect in &txn.effects {
                 if let Effect::Start { process_id, .. } = effect {
-                    self.inner
+                    // Not retired, so the current state is still the app's.
+                    self.state()
                         .process_locations
                         .insert(*process_id, (Arc::clone(app), region));
                 }
@@ -526,10 +625,7 @@ impl Scheduler {
         commit: Option<Commit>,
     ) -> Result<()> {
         if let Some(commit) = commit {
-            commit
-                .wait()
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            self.committed(app, commit).await?;
         }
         if txn.notify {
             if let Some(shard) = app.existing_shard(region) {
@@ -547,9 +643,272 @@ impl Scheduler {
         Ok(())
     }
 
+    /// Waits for a commit; if the store refused it, rolls memory back to the store first.
+    async fn committed(&self, app: &App, commit: Commit) -> Result<()> {
+        match commit.wait().await {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                self.roll_back(app).await;
+                Err(Error::Unavailable(format!(
+                    "{err}; the change was not made, retry later"
+                )))
+            }
+        }
+    }
+
+    /// After a failed commit: makes memory equal to what the store holds again. Changes to
+    /// the current state are refused from now on; the store is reopened (back at its last
+    /// commit), a fresh state is loaded from it and swapped in. `failed` is an app of the
+    /// state whose change failed: if it is already retired, another call rolled back.
+    async fn roll_back(&self, failed: &App) {
+        let _one_at_a_time = self.inner.rollback.lock().await;
+        let old = self.inner.state.load_full();
+        if !Arc::ptr_eq(&old.retired, &failed.retired) {
+            return;
+        }
+        old.retired.store(true, Ordering::Release);
+        // Wait out every change that checked the flag before it was set.
+        for app in old.apps.iter() {
+            drop(app.deployments.write().unwrap_or_else(|e| e.into_inner()));
+            for shard in app.shards.iter().filter_map(OnceLock::get) {
+                drop(shard.lock());
+            }
+        }
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let this = self.clone();
+            let reloaded = tokio::task::spawn_blocking(move || {
+                this.inner
+                    .store
+                    .reopen()
+                    .map_err(|e| Error::Unavailable(e.to_string()))?;
+                this.load_state(false)
+            })
+            .await
+            .unwrap_or_else(|e| Err(Error::Internal(format!("reloading panicked: {e}"))));
+            match reloaded {
+                Ok((state, effects)) => {
+                    self.inner.state.store(Arc::new(state));
+                    for (app, region, effect) in effects {
+                        self.carry_out(&app, region, effect);
+                    }
+                    // Connection watchers of the old state look again.
+                    for app in old.apps.iter() {
+                        for shard in app.shards.iter().filter_map(OnceLock::get) {
+                            shard.changes.send_modify(|v| *v = v.wrapping_add(1));
+                        }
+                    }
+                    tracing::warn!("memory rolled back to the store's last commit");
+                    return;
+                }
+                Err(err) => {
+                    tracing::error!(%err, "cannot reload the store; changes are refused until it can");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+    }
+
+    /// Builds the state the store holds: apps, deployments, shards, locations and the
+    /// retention queue; returns it with the effects to carry out (timers, and adoption of
+    /// live processes by the backend when `adopt`).
+    #[allow(clippy::type_complexity)]
+    fn load_state(&self, adopt: bool) -> Result<(State, Vec<(Arc<App>, usize, Effect)>)> {
+        type PerShard<T> = HashMap<(String, usize), T>;
+        let regions = &self.inner.regions;
+        let region_of = |name: &str, what: &str| {
+            regions.iter().position(|r| r == name).ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "the store holds {what} in region {name:?}, which is not configured; add it \
+                     to the regions or use another data directory"
+                ))
+            })
+        };
+        let mut deployments: BTreeMap<String, Vec<Arc<Deployment>>> = BTreeMap::new();
+        let mut policies: PerShard<RegionPolicy> = HashMap::new();
+        let mut processes: PerShard<Vec<ProcessRecord>> = HashMap::new();
+        let mut rooms: PerShard<Vec<RoomRecord>> = HashMap::new();
+        let mut created: PerShard<BTreeMap<i64, u64>> = HashMap::new();
+        let mut problem: Option<Error> = None;
+        let mut visit = |record: Record| -> Result<()> {
+            match record {
+                Record::Deployment(d) => {
+                    let list = deployments.entry(d.app_id.clone()).or_default();
+                    if d.deployment_id as usize != list.len() + 1 {
+                        return Err(Error::Internal(format!(
+                            "the store is damaged: deployment {} of app {} follows {}",
+                            d.deployment_id,
+                            d.app_id,
+                            list.len()
+                        )));
+                    }
+                    list.push(Arc::new(d));
+                }
+                Record::RegionPolicy {
+                    app_id,
+                    region,
+                    policy,
+                } => {
+                    let r = region_of(&region, "a region policy")?;
+                    policies.insert((app_id, r), policy);
+                }
+                Record::Process(p) => {
+                    let r = region_of(&p.process.region, "processes")?;
+                    let key = (p.process.app_id.clone(), r);
+                    processes.entry(key).or_default().push(p);
+                }
+                Record::Room(room) => {
+                    let r = region_of(&room.region, "rooms")?;
+                    rooms
+                        .entry((room.room.app_id.clone(), r))
+                        .or_default()
+                        .push(room);
+                }
+                Record::RoomsCreated {
+                    app_id,
+                    region,
+                    second,
+                    count,
+                } => {
+                    let r = region_of(&region, "usage counters")?;
+                    created
+                        .entry((app_id, r))
+                        .or_default()
+                        .insert(second, count);
+                }
+                Record::RoomForgotten { .. } => {}
+            }
+            Ok(())
+        };
+        self.inner
+            .store
+            .load(&mut |record| {
+                if problem.is_none() {
+                    problem = visit(record).err();
+                }
+            })
+            .map_err(|e| Error::Unavailable(e.to_string()))?;
+        if let Some(problem) = problem {
+            return Err(problem);
+        }
+
+        let state = State::default();
+        for (app_id, deps) in deployments {
+            let app = App::new(
+                app_id.clone(),
+                regions.len(),
+                self.inner.default_policy,
+                &state.retired,
+            );
+            *app.deployments.write().unwrap_or_else(|e| e.into_inner()) = deps;
+            state.apps.insert(app_id, Arc::new(app));
+        }
+        let mut shards: Vec<(String, usize)> = policies
+            .keys()
+            .chain(processes.keys())
+            .chain(rooms.keys())
+            .chain(created.keys())
+            .cloned()
+            .collect();
+        shards.sort();
+        shards.dedup();
+        let mut effects = Vec::new();
+        let mut destroyed: Vec<(DateTime<Utc>, Arc<App>, usize, String)> = Vec::new();
+        for (app_id, region) in shards {
+            let app = self.existing_app_in(&state, &app_id).ok_or_else(|| {
+                Error::Internal(format!(
+                    "the store is damaged: app {app_id} has processes or rooms but no deployment"
+                ))
+            })?;
+            let procs = processes
+                .remove(&(app_id.clone(), region))
+                .unwrap_or_default();
+            let room_records = rooms.remove(&(app_id.clone(), region)).unwrap_or_default();
+            for p in &procs {
+                state
+                    .process_locations
+                    .insert(p.process.process_id, (Arc::clone(&app), region));
+            }
+            for r in &room_records {
+                app.rooms.insert(r.room.room_id.clone(), region);
+                if r.room.current_allocation.is_none() {
+                    let at = r
+                        .room
+                        .allocations
+                        .last()
+                        .and_then(|a| a.unscheduled_at)
+                        .unwrap_or_default();
+                    destroyed.push((at, Arc::clone(&app), region, r.room.room_id.clone()));
+                }
+            }
+            let ctx = self.ctx(&app, region);
+            let (shard_state, shard_effects) = ShardState::restore(
+                &ctx,
+                policies
+                    .remove(&(app_id.clone(), region))
+                    .unwrap_or(self.inner.default_policy),
+                |id| app.deployment(id).ok(),
+                procs,
+                room_records,
+                created.remove(&(app_id, region)).unwrap_or_default(),
+                adopt,
+            );
+            let shard = Arc::new(Shard {
+                state: Mutex::new(shard_state),
+                changes: watch::Sender::new(0),
+            });
+            let _ = app.shards[region].set(shard);
+            effects.extend(
+                shard_effects
+                    .into_iter()
+                    .map(|e| (Arc::clone(&app), region, e)),
+            );
+        }
+        destroyed.sort_by_key(|d| d.0);
+        *state.retention.lock().unwrap_or_else(|e| e.into_inner()) = destroyed
+            .into_iter()
+            .map(|(_, app, region, id)| (app, region, id))
+            .collect();
+        Ok((state, effects))
+    }
+
+    fn existing_app_in(&self, state: &State, app_id: &str) -> Option<Arc<App>> {
+        state.apps.get(app_id).map(|a| Arc::clone(a.value()))
+    }
+
+    /// Runs the warm-pool reconciliation of every shard once.
+    async fn reconcile_all_pools(&self) {
+        let shards: Vec<(Arc<App>, usize)> = self
+            .state()
+            .apps
+            .iter()
+            .flat_map(|a| {
+                let app = a.value();
+                (0..app.shards.len())
+                    .filter(|r| app.existing_shard(*r).is_some())
+                    .map(|r| (Arc::clone(app), r))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        for (app, region) in shards {
+            if let Err(err) = self.change(&app, region, |_, _, _| Ok(())).await {
+                tracing::warn!(%err, app_id = app.app_id, "could not reconcile a warm pool");
+            }
+        }
+    }
+
     fn carry_out(&self, app: &Arc<App>, region: usize, effect: Effect) {
         let inner = &self.inner;
         match effect {
+            Effect::Adopt {
+                process,
+                deployment,
+            } => inner.backend.adopt(AdoptSpec {
+                process,
+                deployment,
+                events: ProcessEvents(inner.events.clone()),
+            }),
             Effect::Start {
                 process_id,
                 deployment,
@@ -609,12 +968,9 @@ impl Scheduler {
 
     /// Destroyed rooms enter the retention window; the oldest beyond it are forgotten.
     async fn retain(&self, app: &Arc<App>, region: usize, destroyed: Vec<String>) {
+        let state = self.inner.state.load_full();
         let evicted: Vec<(Arc<App>, usize, String)> = {
-            let mut queue = self
-                .inner
-                .retention
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut queue = state.retention.lock().unwrap_or_else(|e| e.into_inner());
             queue.extend(
                 destroyed
                     .into_iter()
@@ -628,7 +984,7 @@ impl Scheduler {
         for (app, region, room_id) in evicted {
             let commit = {
                 let mut state = app.shard(region).lock();
-                if !state.forget_room(&room_id) {
+                if app.check_not_retired().is_err() || !state.forget_room(&room_id) {
                     continue;
                 }
                 app.rooms.remove(&room_id);
@@ -642,21 +998,17 @@ impl Scheduler {
                 self.append(&mut txn)
             };
             if let Some(commit) = commit {
-                if let Err(err) = commit.wait().await {
+                if let Err(err) = self.committed(&app, commit).await {
                     tracing::warn!(%err, "could not persist the eviction of a destroyed room");
                 }
             }
         }
     }
 
-    async fn apply_event(&self, event: ProcessEvent) -> Result<()> {
+    async fn apply_event(&self, event: &ProcessEvent) -> Result<()> {
         let pid = event.process_id;
-        if let ProcessEventKind::Barrier(done) = event.kind {
-            let _ = done.send(());
-            return Ok(());
-        }
         let Some((app, region)) = self
-            .inner
+            .state()
             .process_locations
             .get(&pid)
             .map(|l| (Arc::clone(&l.0), l.1))
@@ -664,13 +1016,19 @@ impl Scheduler {
             return Ok(()); // not ours (e.g. a report after a restart)
         };
         self.change(&app, region, |state, ctx, txn| {
-            match event.kind {
+            match &event.kind {
                 ProcessEventKind::Bound {
                     exposed_port,
                     additional_exposed_ports,
-                } => state.on_bound(ctx, pid, exposed_port, additional_exposed_ports, txn),
-                ProcessEventKind::Exited(status) => state.on_exit(ctx, pid, status, txn),
-                ProcessEventKind::LaunchFailed(err) => state.on_launch_failed(ctx, pid, &err, txn),
+                } => state.on_bound(
+                    ctx,
+                    pid,
+                    exposed_port.clone(),
+                    additional_exposed_ports.clone(),
+                    txn,
+                ),
+                ProcessEventKind::Exited(status) => state.on_exit(ctx, pid, *status, txn),
+                ProcessEventKind::LaunchFailed(err) => state.on_launch_failed(ctx, pid, err, txn),
                 ProcessEventKind::StartTimeout => state.on_start_timeout(ctx, pid, txn),
                 ProcessEventKind::IdleCheck => state.on_idle_timer(ctx, pid, txn),
                 // The warm pool is reconciled after every change, this empty one included.
@@ -703,25 +1061,25 @@ impl Scheduler {
             ));
         }
         self.check_open()?;
+        let state = self.state();
         let app = Arc::clone(
-            self.inner
+            state
                 .apps
                 .entry(app_id.to_string())
                 .or_insert_with(|| {
-                    Arc::new(App {
-                        app_id: app_id.to_string(),
-                        deployments: RwLock::default(),
-                        rooms: DashMap::default(),
-                        shards: (0..self.inner.regions.len())
-                            .map(|_| OnceLock::new())
-                            .collect(),
-                        default_policy: self.inner.default_policy,
-                    })
+                    Arc::new(App::new(
+                        app_id.to_string(),
+                        self.inner.regions.len(),
+                        self.inner.default_policy,
+                        &state.retired,
+                    ))
                 })
                 .value(),
         );
+        drop(state);
         let (deployment, commit) = {
             let mut deps = app.deployments.write().unwrap_or_else(|e| e.into_inner());
+            app.check_not_retired()?;
             let deployment = Deployment {
                 app_id: app_id.to_string(),
                 deployment_id: deps.len() as u32 + 1,
@@ -743,10 +1101,7 @@ impl Scheduler {
             (deployment, self.append(&mut txn))
         };
         if let Some(commit) = commit {
-            commit
-                .wait()
-                .await
-                .map_err(|e| Error::Unavailable(e.to_string()))?;
+            self.committed(&app, commit).await?;
         }
         tracing::info!(
             app_id,
@@ -786,7 +1141,7 @@ impl Scheduler {
     /// Newest first.
     pub async fn list_deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
         validate::app_id(app_id)?;
-        let Some(app) = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value())) else {
+        let Some(app) = self.existing_app(app_id) else {
             return Ok(vec![]);
         };
         let deps = app.deployments.read().unwrap_or_else(|e| e.into_inner());
@@ -1016,12 +1371,7 @@ impl Scheduler {
             0 => DEFAULT_PAGE_SIZE,
             n => n.min(MAX_PAGE_SIZE),
         };
-        let Some(app) = self
-            .inner
-            .apps
-            .get(&filter.app_id)
-            .map(|a| Arc::clone(a.value()))
-        else {
+        let Some(app) = self.existing_app(&filter.app_id) else {
             return Ok(ProcessPage {
                 processes: vec![],
                 next_page_token: None,
@@ -1054,12 +1404,7 @@ impl Scheduler {
     pub async fn count_processes(&self, filter: &ProcessFilter) -> Result<u64> {
         validate::app_id(&filter.app_id)?;
         let regions = self.filtered_regions(filter)?;
-        let Some(app) = self
-            .inner
-            .apps
-            .get(&filter.app_id)
-            .map(|a| Arc::clone(a.value()))
-        else {
+        let Some(app) = self.existing_app(&filter.app_id) else {
             return Ok(0);
         };
         let mut count = 0;
@@ -1131,7 +1476,7 @@ impl Scheduler {
     pub async fn get_region_policy(&self, app_id: &str, region: &str) -> Result<RegionPolicy> {
         validate::app_id(app_id)?;
         let region = validate::region(&self.inner.regions, region)?;
-        let app = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value()));
+        let app = self.existing_app(app_id);
         Ok(match app.as_ref().and_then(|a| a.existing_shard(region)) {
             Some(shard) => shard.lock().policy,
             None => self.inner.default_policy,
@@ -1163,7 +1508,7 @@ impl Scheduler {
                 format!("{start} is not before end ({end})"),
             ));
         }
-        let app = self.inner.apps.get(app_id).map(|a| Arc::clone(a.value()));
+        let app = self.existing_app(app_id);
         Ok(regions
             .into_iter()
             .map(|region| {
@@ -1232,6 +1577,19 @@ impl ConnectionWatch {
     /// destroyed, or the scheduler shuts down.
     pub async fn next(&mut self) -> Option<ConnectionInfo> {
         while !self.done {
+            if self.app.retired.load(Ordering::Acquire) {
+                // Memory was rolled back: follow the room in the new state.
+                match self.scheduler.locate_room(&self.app.app_id, &self.room_id) {
+                    Ok((app, region)) => {
+                        self.changes = app.shard(region).changes.subscribe();
+                        (self.app, self.region) = (app, region);
+                    }
+                    Err(_) => {
+                        self.done = true;
+                        return None;
+                    }
+                }
+            }
             self.changes.borrow_and_update();
             let current = self
                 .scheduler

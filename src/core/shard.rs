@@ -21,7 +21,7 @@ use super::types::{
     RoomStatus,
 };
 use crate::backend::ExitStatus;
-use crate::store::Record;
+use crate::store::{ProcessRecord, Record, RoomRecord};
 use chrono::{DateTime, Utc};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
@@ -75,6 +75,11 @@ pub(crate) enum Effect {
         process_id: ProcessId,
         deployment: Arc<Deployment>,
         initial_room: Option<(String, String)>,
+    },
+    /// Ask the backend to take back a process started before a restart of the scheduler.
+    Adopt {
+        process: Process,
+        deployment: Arc<Deployment>,
     },
     /// Ask the backend to stop this process after `grace` (zero = kill now).
     Stop {
@@ -149,8 +154,9 @@ pub(crate) struct ProcessEntry {
     drain_requested: bool,
     /// Why it was told to stop; becomes `summary_exit_reason` once it has exited.
     stop_reason: Option<String>,
-    /// When it last became RUNNING with no room (None while it holds rooms).
-    idle_since: Option<Instant>,
+    /// When it last became RUNNING with no room (None while it holds rooms), on the timer
+    /// clock and on the wall clock (persisted, so the idle clock survives a restart).
+    idle_since: Option<(Instant, DateTime<Utc>)>,
     idle_timer_armed: bool,
 }
 
@@ -257,6 +263,157 @@ impl ShardState {
             policy,
             ..Default::default()
         }
+    }
+
+    /// Rebuilds a shard from persisted records (see [`crate::store::Store::load`]), with its
+    /// placement index, counts and idle clocks, as they were at the last commit. Returns the
+    /// timers to arm with the time they had left and, when `adopt` (at start, not after a
+    /// rollback), asks the backend to take back every live process and to stop again the
+    /// ones that were stopping.
+    pub(crate) fn restore(
+        ctx: &Ctx<'_>,
+        policy: RegionPolicy,
+        deployment: impl Fn(u32) -> Option<Arc<Deployment>>,
+        processes: Vec<ProcessRecord>,
+        rooms: Vec<RoomRecord>,
+        rooms_created: BTreeMap<i64, u64>,
+        adopt: bool,
+    ) -> (ShardState, Vec<Effect>) {
+        let mut state = ShardState::new(policy);
+        state.rooms_created = rooms_created;
+        // How long ago `at` was, on the timer clock (never before the timer clock's origin).
+        let back_to = |at: DateTime<Utc>, cap: Duration| {
+            let ago = (ctx.now - at).to_std().unwrap_or_default().min(cap);
+            ctx.instant.checked_sub(ago).unwrap_or(ctx.instant)
+        };
+        for r in processes {
+            let id = r.process.process_id;
+            let Some(dep) = deployment(r.process.deployment_id) else {
+                tracing::error!(process_id = %id, deployment_id = r.process.deployment_id, "stored process of an unknown deployment skipped");
+                continue;
+            };
+            let idle_since = r
+                .idle_since
+                .map(|at| (back_to(at, ctx.limits.idle_timeout), at));
+            let mut process = r.process;
+            process.rooms_allocated = 0;
+            state.processes.insert(
+                id,
+                ProcessEntry {
+                    process,
+                    deployment: dep,
+                    rooms: vec![],
+                    past_rooms: VecDeque::new(),
+                    drain_requested: r.drain_requested,
+                    stop_reason: r.stop_reason,
+                    idle_since,
+                    idle_timer_armed: false,
+                },
+            );
+        }
+        // Live rooms onto their processes in the order they were placed; earlier placements
+        // into the processes' past rooms in the order they ended.
+        let mut live: Vec<(DateTime<Utc>, ProcessId, String)> = Vec::new();
+        let mut past: Vec<(DateTime<Utc>, ProcessId, String)> = Vec::new();
+        for r in rooms {
+            let room = r.room;
+            let destroyed = room.current_allocation.is_none();
+            for (i, a) in room.allocations.iter().enumerate() {
+                let current = !destroyed && i + 1 == room.allocations.len();
+                if current {
+                    live.push((a.scheduled_at, a.process_id, room.room_id.clone()));
+                } else {
+                    let ended = a.unscheduled_at.unwrap_or(a.scheduled_at);
+                    past.push((ended, a.process_id, room.room_id.clone()));
+                }
+            }
+            state.rooms.insert(
+                room.room_id,
+                RoomEntry {
+                    room_config: room.room_config,
+                    allocations: room.allocations,
+                    destroyed,
+                    attempts: r.attempts,
+                    pinned: r.pinned,
+                },
+            );
+        }
+        live.sort();
+        past.sort();
+        for (_, pid, room_id) in live {
+            match state.processes.get_mut(&pid) {
+                Some(e) if e.process.status.is_live() && e.free_slots() > 0 => {
+                    e.rooms.push(room_id)
+                }
+                _ => {
+                    // Records are written atomically per change, so this means a damaged
+                    // store: keep the room visible, destroyed, rather than over-fill a process.
+                    tracing::error!(room_id, process_id = %pid, "stored room on a process that cannot hold it: marked destroyed");
+                    if let Some(r) = state.rooms.get_mut(&room_id) {
+                        r.destroyed = true;
+                    }
+                }
+            }
+        }
+        for (_, pid, room_id) in past {
+            if let Some(e) = state.processes.get_mut(&pid) {
+                e.past_rooms.push_back(room_id);
+            }
+        }
+        let mut effects = Vec::new();
+        let mut later = Vec::new();
+        for e in state.processes.values_mut() {
+            let pid = e.process.process_id;
+            e.process.rooms_allocated = e.rooms.len() as u32;
+            let idx = state.index.entry(e.process.deployment_id).or_default();
+            if let Some(k) = e.index_key() {
+                if k.running {
+                    idx.running.insert(k.key);
+                } else {
+                    idx.starting.insert(k.key);
+                }
+            }
+            let share = e.pool_share();
+            idx.available_processes += share.0;
+            idx.free_slots += share.1;
+            let stopping = e.process.status == ProcessStatus::Stopping;
+            if !e.process.status.is_live() && !stopping {
+                continue;
+            }
+            if !stopping {
+                state.live_processes += 1;
+            }
+            if adopt {
+                effects.push(Effect::Adopt {
+                    process: e.process.clone(),
+                    deployment: Arc::clone(&e.deployment),
+                });
+            }
+            match e.process.status {
+                ProcessStatus::Starting => later.push(Effect::StartTimer {
+                    process_id: pid,
+                    deadline: back_to(e.process.created_at, ctx.limits.start_timeout)
+                        + ctx.limits.start_timeout,
+                }),
+                ProcessStatus::Running
+                    if e.rooms.is_empty() && e.deployment.idle_timeout_enabled =>
+                {
+                    let since = *e.idle_since.get_or_insert((ctx.instant, ctx.now));
+                    e.idle_timer_armed = true;
+                    later.push(Effect::IdleTimer {
+                        process_id: pid,
+                        deadline: since.0 + ctx.limits.idle_timeout,
+                    });
+                }
+                ProcessStatus::Stopping if adopt => later.push(Effect::Stop {
+                    process_id: pid,
+                    grace: ctx.limits.stop_grace,
+                }),
+                _ => {}
+            }
+        }
+        effects.extend(later);
+        (state, effects)
     }
 
     // ----- reads -------------------------------------------------------------------------
@@ -447,16 +604,26 @@ impl ShardState {
             return;
         };
         if let Some(e) = self.processes.get(&pid) {
-            records.push(Record::Process(e.snapshot()));
+            records.push(Record::Process(ProcessRecord {
+                process: e.snapshot(),
+                drain_requested: e.drain_requested,
+                stop_reason: e.stop_reason.clone(),
+                idle_since: e.idle_since.map(|(_, at)| at),
+            }));
         }
     }
 
-    fn record_room(&self, app_id: &str, room_id: &str, txn: &mut Txn) {
+    fn record_room(&self, ctx: &Ctx<'_>, room_id: &str, txn: &mut Txn) {
         let Some(records) = txn.records.as_mut() else {
             return;
         };
         if let Some(r) = self.rooms.get(room_id) {
-            records.push(Record::Room(self.room_snapshot(app_id, room_id, r)));
+            records.push(Record::Room(RoomRecord {
+                room: self.room_snapshot(ctx.app_id, room_id, r),
+                region: ctx.region.to_string(),
+                attempts: r.attempts,
+                pinned: r.pinned,
+            }));
         }
     }
 
@@ -562,8 +729,18 @@ impl ShardState {
                 pinned,
             },
         );
-        self.record_room(ctx.app_id, room_id, txn);
-        *self.rooms_created.entry(ctx.now.timestamp()).or_default() += 1;
+        self.record_room(ctx, room_id, txn);
+        let second = ctx.now.timestamp();
+        let created = self.rooms_created.entry(second).or_default();
+        *created += 1;
+        if let Some(records) = txn.records.as_mut() {
+            records.push(Record::RoomsCreated {
+                app_id: ctx.app_id.to_string(),
+                region: ctx.region.to_string(),
+                second,
+                count: *created,
+            });
+        }
         Ok(pid)
     }
 
@@ -687,7 +864,7 @@ impl ShardState {
         if let Some(p) = self.processes.get_mut(&pid) {
             p.past_rooms.push_back(room_id.to_string());
         }
-        self.record_room(ctx.app_id, room_id, txn);
+        self.record_room(ctx, room_id, txn);
         txn.notify = true;
     }
 
@@ -714,7 +891,7 @@ impl ShardState {
         if !e.deployment.idle_timeout_enabled {
             return;
         }
-        e.idle_since = Some(ctx.instant);
+        e.idle_since = Some((ctx.instant, ctx.now));
         if !e.idle_timer_armed {
             e.idle_timer_armed = true;
             txn.effects.push(Effect::IdleTimer {
@@ -735,7 +912,7 @@ impl ShardState {
         if let Some(r) = self.rooms.get_mut(room_id) {
             r.room_config = config;
         }
-        self.record_room(ctx.app_id, room_id, txn);
+        self.record_room(ctx, room_id, txn);
         self.room(ctx.app_id, room_id)
             .ok_or_else(|| Error::Internal("room vanished".into()))
     }
@@ -1022,7 +1199,7 @@ impl ShardState {
                         r.attempts += 1;
                     }
                     tracing::info!(app_id = ctx.app_id, room_id, process_id = %new_pid, "room placed again");
-                    self.record_room(ctx.app_id, &room_id, txn);
+                    self.record_room(ctx, &room_id, txn);
                 }
                 Err(err) => {
                     tracing::warn!(app_id = ctx.app_id, room_id, %err, "room destroyed: could not place it again");
@@ -1030,7 +1207,7 @@ impl ShardState {
                         r.destroyed = true;
                     }
                     txn.destroyed.push(room_id.clone());
-                    self.record_room(ctx.app_id, &room_id, txn);
+                    self.record_room(ctx, &room_id, txn);
                 }
             }
         }
@@ -1045,7 +1222,7 @@ impl ShardState {
             return;
         };
         let idle_since = match (e.process.status, e.rooms.is_empty(), e.idle_since) {
-            (ProcessStatus::Running, true, Some(t)) => t,
+            (ProcessStatus::Running, true, Some((t, _))) => t,
             _ => {
                 e.idle_timer_armed = false;
                 return;

@@ -2,19 +2,25 @@
 //! records, applied atomically) and hands it to the store while it still holds the lock of the
 //! shard it changed, so the store sees changes in the order they were applied; the call that
 //! made the change returns success only after the change's [`Commit`] resolves.
+//!
+//! At start the scheduler rebuilds its state from [`Store::load`]; after a failed commit it
+//! calls [`Store::reopen`] and rebuilds again, so its memory never runs ahead of the store.
 
+pub mod durable;
 pub mod memory;
 
 use crate::core::types::{Deployment, Process, RegionPolicy, Room};
+use chrono::{DateTime, Utc};
 
+pub use durable::DurableStore;
 pub use memory::MemoryStore;
 
 /// One persisted fact: the full new state of an entity, or that an entity was forgotten.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Record {
     Deployment(Deployment),
-    Process(Process),
-    Room(Room),
+    Process(ProcessRecord),
+    Room(RoomRecord),
     RegionPolicy {
         app_id: String,
         region: String,
@@ -25,6 +31,37 @@ pub enum Record {
         app_id: String,
         room_id: String,
     },
+    /// `count` rooms were created in the region during unix second `second` (usage reports).
+    RoomsCreated {
+        app_id: String,
+        region: String,
+        second: i64,
+        count: u64,
+    },
+}
+
+/// A process as persisted: what the API shows, plus the scheduler's own bookkeeping.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ProcessRecord {
+    pub process: Process,
+    /// DrainProcess while STARTING: takes no new rooms, drains once bound.
+    pub drain_requested: bool,
+    /// Why it was told to stop (its exit reason once it has exited).
+    pub stop_reason: Option<String>,
+    /// Since when a RUNNING process has held no room (its idle clock).
+    pub idle_since: Option<DateTime<Utc>>,
+}
+
+/// A room as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RoomRecord {
+    /// `status` is as of the write; it is recomputed from the process on load.
+    pub room: Room,
+    pub region: String,
+    /// How many times the room has been placed.
+    pub attempts: u8,
+    /// Created for an explicitly requested deployment.
+    pub pinned: bool,
 }
 
 /// Records that must be persisted together.
@@ -56,6 +93,9 @@ impl Commit {
 }
 
 /// Persists changes.
+///
+/// Contract: commits resolve in the order changes were appended; once a commit has failed,
+/// every later one fails too until [`Store::reopen`] succeeds.
 pub trait Store: Send + Sync + 'static {
     /// Whether the store wants [`Record`]s at all; when false the scheduler does not build
     /// them (the memory store keeps nothing beyond the scheduler's own state).
@@ -64,4 +104,17 @@ pub trait Store: Send + Sync + 'static {
     /// Queues `change` for persistence. Called with the changed shard's lock held: it must not
     /// block on I/O; it returns a [`Commit`] to wait on after the lock is released.
     fn append(&self, change: Change) -> Commit;
+
+    /// Hands every persisted record to `visit`: deployments first (in id order), then region
+    /// policies, processes, rooms and usage counters. Blocks; called at start and after a
+    /// failure, never while changes are being appended.
+    fn load(&self, _visit: &mut dyn FnMut(Record)) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    /// After a failed commit: returns the store to its last successful commit and accepts
+    /// changes again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

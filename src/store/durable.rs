@@ -1,0 +1,446 @@
+//! The durable store: every change is on disk (fsync) before the call that made it returns.
+//!
+//! Built on [redb](https://docs.rs/redb), an embedded, crash-safe (copy-on-write B-trees with
+//! checksummed commits), pure-Rust key-value store: a torn last write recovers to the last
+//! complete commit, and no file format of our own is involved. One file, `roomsched.redb`, in
+//! the data directory; one table per kind of record, keyed by the record's id, so the file
+//! holds the live state (plus the retention window of destroyed rooms), not the history.
+//!
+//! **Group commit.** `append` only queues a change; one writer thread takes every change
+//! queued so far, writes them all in one redb transaction and commits it with one fsync, then
+//! answers each change's [`Commit`]. Under load many changes share a flush.
+//!
+//! **Failure.** When a commit fails (disk full, I/O error) every change of that batch, and
+//! every change queued after it, is refused until [`Store::reopen`]: the scheduler then rolls
+//! its memory back to what the file holds, so memory never runs ahead of disk.
+//!
+//! **Compaction.** redb reuses the pages that deleted and overwritten records free. When the
+//! file is nonetheless much larger than what it stores, the writer compacts it between
+//! batches.
+
+use super::{Change, Commit, ProcessRecord, Record, RoomRecord, Store, StoreError};
+use crate::core::types::{Deployment, RegionPolicy};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Instant;
+
+/// The store's file inside the data directory.
+pub const FILE_NAME: &str = "roomsched.redb";
+
+/// The layout of the tables below. Bumped on any incompatible change; a store written by a
+/// newer build is refused, never rewritten.
+pub const FORMAT_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const DEPLOYMENTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deployments");
+const POLICIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("region_policies");
+const PROCESSES: TableDefinition<u128, &[u8]> = TableDefinition::new("processes");
+const ROOMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rooms");
+/// (app, region, unix second) → rooms created in that second, for usage reports.
+const ROOMS_CREATED: TableDefinition<(&str, &str, i64), u64> =
+    TableDefinition::new("rooms_created");
+
+/// Records handed to `load`'s visitor per message from the writer thread.
+const LOAD_CHUNK: usize = 4096;
+
+/// Compaction is considered every this many commits, and done only when the file is larger
+/// than `COMPACT_RATIO` times what it stores and larger than `COMPACT_MIN_BYTES`.
+const COMPACT_CHECK_EVERY: u64 = 4096;
+const COMPACT_RATIO: u64 = 4;
+const COMPACT_MIN_BYTES: u64 = 64 << 20;
+
+/// Persists changes in a redb file with group commit.
+#[derive(Debug)]
+pub struct DurableStore {
+    path: PathBuf,
+    commands: mpsc::Sender<Command>,
+}
+
+enum Command {
+    Append(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+    Load(mpsc::SyncSender<Result<Vec<Record>, StoreError>>),
+    Reopen(mpsc::Sender<Result<(), StoreError>>),
+    /// Answers once everything queued before it is done.
+    Sync(mpsc::Sender<()>),
+}
+
+impl DurableStore {
+    /// Opens the store in `dir` (created if missing). Refuses, without touching it, a file
+    /// that is not a roomsched store or was written by a newer format.
+    pub fn open(dir: impl AsRef<Path>) -> Result<DurableStore, StoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StoreError(format!(
+                "cannot create the data directory {}: {e}",
+                dir.display()
+            ))
+        })?;
+        let path = dir.join(FILE_NAME);
+        let db = open_db(&path)?;
+        let (commands, rx) = mpsc::channel();
+        let writer = Writer {
+            path: path.clone(),
+            db: Some(db),
+            failed: None,
+            commits: 0,
+        };
+        std::thread::Builder::new()
+            .name("roomsched-store".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| StoreError(format!("cannot start the store's writer thread: {e}")))?;
+        Ok(DurableStore { path, commands })
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the store's file in bytes, once everything queued so far is written.
+    pub fn file_size(&self) -> Result<u64, StoreError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Sync(tx))?;
+        let _ = rx.recv();
+        std::fs::metadata(&self.path)
+            .map(|m| m.len())
+            .map_err(|e| StoreError(format!("{}: {e}", self.path.display())))
+    }
+
+    fn send(&self, command: Command) -> Result<(), StoreError> {
+        self.commands
+            .send(command)
+            .map_err(|_| StoreError("the store's writer thread has stopped".into()))
+    }
+}
+
+impl Store for DurableStore {
+    fn wants_records(&self) -> bool {
+        true
+    }
+
+    fn append(&self, change: Change) -> Commit {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        if let Err(e) = self.send(Command::Append(change, tx)) {
+            return Commit::Done(Err(e));
+        }
+        Commit::Pending(rx)
+    }
+
+    fn load(&self, visit: &mut dyn FnMut(Record)) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::sync_channel(4);
+        self.send(Command::Load(tx))?;
+        for chunk in rx {
+            chunk?.into_iter().for_each(&mut *visit);
+        }
+        Ok(())
+    }
+
+    fn reopen(&self) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::channel();
+        self.send(Command::Reopen(tx))?;
+        rx.recv()
+            .unwrap_or_else(|_| Err(StoreError("the store's writer thread has stopped".into())))
+    }
+}
+
+fn store_error(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("{what} {}: {e}", path.display()))
+}
+
+/// Opens (or creates) the file and checks its format version.
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    let db = if path.exists() {
+        Database::open(path)
+    } else {
+        Database::create(path)
+    };
+    let db = db.map_err(|e| match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => StoreError(format!(
+            "the store {} is in use by another roomsched (or another program)",
+            path.display()
+        )),
+        e => StoreError(format!(
+            "cannot open the store {}: {e} — the file was left untouched; move it away to \
+             start with an empty store",
+            path.display()
+        )),
+    })?;
+    let version = {
+        let read = db
+            .begin_read()
+            .map_err(|e| store_error(path, "cannot read", e))?;
+        match read.open_table(META) {
+            Ok(t) => t
+                .get("format_version")
+                .map_err(|e| store_error(path, "cannot read", e))?
+                .map(|v| v.value()),
+            Err(redb::TableError::TableDoesNotExist(_)) => None,
+            Err(e) => return Err(store_error(path, "cannot read", e)),
+        }
+    };
+    match version {
+        Some(v) if v > FORMAT_VERSION => Err(StoreError(format!(
+            "the store {} has format version {v}, written by a newer roomsched; this build \
+             reads version {FORMAT_VERSION} and older. The file was left untouched",
+            path.display()
+        ))),
+        Some(_) => Ok(db),
+        None => {
+            let write = || -> Result<(), redb::Error> {
+                let txn = db.begin_write()?;
+                {
+                    txn.open_table(META)?
+                        .insert("format_version", FORMAT_VERSION)?;
+                    // Create every table, so readers never meet a missing one.
+                    txn.open_table(DEPLOYMENTS)?;
+                    txn.open_table(POLICIES)?;
+                    txn.open_table(PROCESSES)?;
+                    txn.open_table(ROOMS)?;
+                    txn.open_table(ROOMS_CREATED)?;
+                }
+                txn.commit()?;
+                Ok(())
+            };
+            write().map_err(|e| store_error(path, "cannot initialise", e))?;
+            Ok(db)
+        }
+    }
+}
+
+struct Writer {
+    path: PathBuf,
+    /// `None` after a failure closed it, until `Reopen`.
+    db: Option<Database>,
+    /// Set when a commit failed: everything is refused until `Reopen`.
+    failed: Option<StoreError>,
+    commits: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Command>) {
+        let mut batch: Vec<(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>)> =
+            Vec::new();
+        while let Ok(first) = rx.recv() {
+            let mut next = Some(first);
+            while let Some(command) = next.take() {
+                match command {
+                    Command::Append(change, done) => batch.push((change, done)),
+                    other => {
+                        self.flush(&mut batch);
+                        self.handle(other);
+                    }
+                }
+                next = rx.try_recv().ok();
+            }
+            self.flush(&mut batch);
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Append(..) => unreachable!("appends are batched"),
+            Command::Load(out) => {
+                if let Err(e) = self.load(&out) {
+                    let _ = out.send(Err(e));
+                }
+            }
+            Command::Reopen(done) => {
+                self.db = None; // close first: redb holds a lock on the file
+                let result = open_db(&self.path);
+                let _ = done.send(result.map(|db| {
+                    self.db = Some(db);
+                    self.failed = None;
+                }));
+            }
+            Command::Sync(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Writes and commits a batch, then answers every change in it.
+    fn flush(
+        &mut self,
+        batch: &mut Vec<(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>)>,
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let result = match (&self.failed, &self.db) {
+            (Some(e), _) => Err(e.clone()),
+            (None, None) => Err(StoreError("the store is closed".into())),
+            (None, Some(db)) => write_batch(db, batch.iter().map(|(c, _)| c)).map_err(|e| {
+                let e = store_error(&self.path, "cannot write to", e);
+                tracing::error!(err = %e, "store write failed; refusing changes until memory is rolled back to the last commit");
+                self.failed = Some(e.clone());
+                self.db = None;
+                e
+            }),
+        };
+        for (_, done) in batch.drain(..) {
+            let _ = done.send(result.clone());
+        }
+        if result.is_ok() {
+            self.commits += 1;
+            if self.commits % COMPACT_CHECK_EVERY == 0 {
+                self.maybe_compact();
+            }
+        }
+    }
+
+    fn maybe_compact(&mut self) {
+        let Some(db) = self.db.as_mut() else { return };
+        let Ok(file_size) = std::fs::metadata(&self.path).map(|m| m.len()) else {
+            return;
+        };
+        let stored = db
+            .begin_write()
+            .and_then(|t| {
+                let s = t.stats().map_err(redb::TransactionError::from);
+                t.abort().ok();
+                s
+            })
+            .map(|s| s.stored_bytes() + s.metadata_bytes());
+        let Ok(stored) = stored else { return };
+        if file_size < COMPACT_MIN_BYTES || file_size < COMPACT_RATIO * stored.max(1) {
+            return;
+        }
+        let started = Instant::now();
+        match db.compact() {
+            Ok(_) => {
+                let after = std::fs::metadata(&self.path).map_or(0, |m| m.len());
+                tracing::info!(
+                    before_bytes = file_size,
+                    after_bytes = after,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "store compacted"
+                );
+            }
+            Err(e) => tracing::warn!(err = %e, "store compaction failed"),
+        }
+    }
+
+    /// Streams every record to `out`, parents before children: deployments, policies,
+    /// processes, rooms, usage counters.
+    fn load(
+        &self,
+        out: &mpsc::SyncSender<Result<Vec<Record>, StoreError>>,
+    ) -> Result<(), StoreError> {
+        let db = match (&self.failed, &self.db) {
+            (Some(e), _) => return Err(e.clone()),
+            (None, None) => return Err(StoreError("the store is closed".into())),
+            (None, Some(db)) => db,
+        };
+        let err = |e: &dyn std::fmt::Display| store_error(&self.path, "cannot read", e);
+        let read = db.begin_read().map_err(|e| err(&e))?;
+        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
+        let emit = |record: Record, chunk: &mut Vec<Record>| -> Result<(), StoreError> {
+            chunk.push(record);
+            if chunk.len() == LOAD_CHUNK {
+                out.send(Ok(std::mem::take(chunk)))
+                    .map_err(|_| StoreError("the loader went away".into()))?;
+            }
+            Ok(())
+        };
+        macro_rules! each {
+            ($table:expr, |$k:ident, $v:ident| $body:expr) => {{
+                let table = read.open_table($table).map_err(|e| err(&e))?;
+                for item in table.iter().map_err(|e| err(&e))? {
+                    let (key, value) = item.map_err(|e| err(&e))?;
+                    let ($k, $v) = (key.value(), value.value());
+                    let record = $body;
+                    emit(record, &mut chunk)?;
+                }
+            }};
+        }
+        each!(DEPLOYMENTS, |_k, v| Record::Deployment(
+            decode::<Deployment>(v, &self.path)?
+        ));
+        each!(POLICIES, |k, v| Record::RegionPolicy {
+            app_id: k.0.to_string(),
+            region: k.1.to_string(),
+            policy: decode::<RegionPolicy>(v, &self.path)?,
+        });
+        each!(PROCESSES, |_k, v| Record::Process(decode::<ProcessRecord>(
+            v, &self.path
+        )?));
+        each!(ROOMS, |_k, v| Record::Room(decode::<RoomRecord>(
+            v, &self.path
+        )?));
+        each!(ROOMS_CREATED, |k, v| Record::RoomsCreated {
+            app_id: k.0.to_string(),
+            region: k.1.to_string(),
+            second: k.2,
+            count: v,
+        });
+        if !chunk.is_empty() {
+            let _ = out.send(Ok(chunk));
+        }
+        Ok(())
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| store_error(path, "a record cannot be decoded in", e))
+}
+
+fn write_batch<'a>(
+    db: &Database,
+    changes: impl Iterator<Item = &'a Change>,
+) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    {
+        let mut deployments = txn.open_table(DEPLOYMENTS)?;
+        let mut policies = txn.open_table(POLICIES)?;
+        let mut processes = txn.open_table(PROCESSES)?;
+        let mut rooms = txn.open_table(ROOMS)?;
+        let mut rooms_created = txn.open_table(ROOMS_CREATED)?;
+        let mut buf = Vec::with_capacity(512);
+        for record in changes.flatten() {
+            buf.clear();
+            match record {
+                Record::Deployment(d) => {
+                    deployments
+                        .insert((d.app_id.as_str(), d.deployment_id), encode(d, &mut buf))?;
+                }
+                Record::RegionPolicy {
+                    app_id,
+                    region,
+                    policy,
+                } => {
+                    policies
+                        .insert((app_id.as_str(), region.as_str()), encode(policy, &mut buf))?;
+                }
+                Record::Process(p) => {
+                    processes.insert(p.process.process_id.as_u128(), encode(p, &mut buf))?;
+                }
+                Record::Room(r) => {
+                    rooms.insert(
+                        (r.room.app_id.as_str(), r.room.room_id.as_str()),
+                        encode(r, &mut buf),
+                    )?;
+                }
+                Record::RoomForgotten { app_id, room_id } => {
+                    rooms.remove((app_id.as_str(), room_id.as_str()))?;
+                }
+                Record::RoomsCreated {
+                    app_id,
+                    region,
+                    second,
+                    count,
+                } => {
+                    rooms_created.insert((app_id.as_str(), region.as_str(), *second), *count)?;
+                }
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn encode<'b, T: serde::Serialize>(value: &T, buf: &'b mut Vec<u8>) -> &'b [u8] {
+    // Serializing our own plain data types into a Vec cannot fail.
+    postcard::to_io(value, &mut *buf).expect("records serialize");
+    buf
+}
