@@ -77,6 +77,11 @@ pub struct BenchArgs {
     /// each of the two workloads runs duration / (2 × rounds) per round.
     #[arg(long, value_enum)]
     pub compare: Option<Workload>,
+    /// Also run the same workload against this second server, alternating with `--addr`, and
+    /// print the ratio of their throughputs (e.g. a durable-store server against a
+    /// memory-store one).
+    #[arg(long, conflicts_with_all = ["compare", "embedded"])]
+    pub compare_addr: Option<String>,
     /// Rounds of the main and the compared workload when comparing.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
@@ -192,19 +197,41 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         }
         Target::Grpc(channels)
     };
+    let second = match &args.compare_addr {
+        Some(addr) => {
+            let mut channels = Vec::with_capacity(args.connections);
+            for _ in 0..args.connections {
+                channels.push(connect(addr).await?);
+            }
+            Some(Target::Grpc(channels))
+        }
+        None => None,
+    };
     let app = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     setup(&target, &app, &args).await?;
+    if let Some(second) = &second {
+        if let Err(e) = setup(second, &app, &args).await {
+            cleanup(&target, &app, &args).await;
+            return Err(e);
+        }
+    }
     let mut reports = Vec::new();
     let result = async {
-        match args.compare {
+        // Alternating rounds: the main measurement, then the compared one.
+        let compared = match (&second, args.compare) {
+            (Some(second), _) => Some((second, args.workload)),
+            (None, Some(other)) => Some((&target, other)),
+            (None, None) => None,
+        };
+        match compared {
             None => {
                 reports.push(measure(&target, &app, &args, args.workload, args.duration).await?)
             }
-            Some(other) => {
+            Some((other_target, other)) => {
                 let each = args.duration / (2 * args.rounds.max(1));
                 for _ in 0..args.rounds.max(1) {
                     reports.push(measure(&target, &app, &args, args.workload, each).await?);
-                    reports.push(measure(&target, &app, &args, other, each).await?);
+                    reports.push(measure(other_target, &app, &args, other, each).await?);
                 }
             }
         }
@@ -212,6 +239,9 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
     }
     .await;
     cleanup(&target, &app, &args).await;
+    if let Some(second) = &second {
+        cleanup(second, &app, &args).await;
+    }
     result?;
     print_reports(&args, &reports);
     let (requests, errors) = reports
@@ -227,7 +257,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
 }
 
 fn print_reports(args: &BenchArgs, reports: &[Report]) {
-    let Some(other) = args.compare else {
+    if args.compare.is_none() && args.compare_addr.is_none() {
         let r = &reports[0];
         if args.json {
             println!("{}", r.to_json());
@@ -235,31 +265,39 @@ fn print_reports(args: &BenchArgs, reports: &[Report]) {
             r.print();
         }
         return;
-    };
-    let total = |w: Workload| -> (f64, u64) {
-        reports
-            .iter()
-            .filter(|r| r.workload == w.name())
-            .fold((0.0, 0), |(s, n), r| (s + r.seconds, n + r.requests))
-    };
-    let merged = |w: Workload| -> Report {
+    }
+    // Rounds alternate: even reports are the main measurement, odd ones the compared one.
+    let merged = |parity: usize| -> Report {
         let mut h = Histogram::<u64>::new(3).expect("histogram");
-        let (seconds, requests) = total(w);
-        let mut errors = 0;
-        for r in reports.iter().filter(|r| r.workload == w.name()) {
+        let (mut seconds, mut requests, mut errors) = (0.0, 0, 0);
+        let mine = reports.iter().skip(parity).step_by(2);
+        for r in mine.clone() {
             h.add(&r.latency_us).expect("same histogram bounds");
-            errors += r.errors;
+            (seconds, requests, errors) = (
+                seconds + r.seconds,
+                requests + r.requests,
+                errors + r.errors,
+            );
         }
+        let first = mine.clone().next().expect("one round at least");
         Report {
-            workload: w.name(),
-            mode: reports[0].mode.clone(),
+            workload: first.workload,
+            mode: first.mode.clone(),
             requests,
             errors,
             seconds,
             latency_us: h,
         }
     };
-    let (main, cmp) = (merged(args.workload), merged(other));
+    let (mut main, mut cmp) = (merged(0), merged(1));
+    let label = |r: &Report| match args.compare_addr {
+        Some(_) => r.mode.clone(),
+        None => r.workload.to_string(),
+    };
+    if let Some(addr) = &args.compare_addr {
+        main.mode = format!("{}, {}", main.mode, args.addr);
+        cmp.mode = format!("{}, {addr}", cmp.mode);
+    }
     let ratio = main.requests_per_second() / cmp.requests_per_second();
     if args.json {
         println!(
@@ -280,7 +318,10 @@ fn print_reports(args: &BenchArgs, reports: &[Report]) {
         println!();
         println!(
             "ratio        {} / {} = {:.2} ({} alternating rounds)",
-            main.workload, cmp.workload, ratio, args.rounds
+            label(&main),
+            label(&cmp),
+            ratio,
+            args.rounds
         );
     }
 }

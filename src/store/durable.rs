@@ -21,6 +21,7 @@
 use super::{Change, Commit, ProcessRecord, Record, RoomRecord, Store, StoreError};
 use crate::core::types::{Deployment, RegionPolicy};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Instant;
@@ -267,6 +268,7 @@ impl Writer {
         if batch.is_empty() {
             return;
         }
+        let started = Instant::now();
         let result = match (&self.failed, &self.db) {
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err(StoreError("the store is closed".into())),
@@ -278,6 +280,11 @@ impl Writer {
                 e
             }),
         };
+        tracing::trace!(
+            changes = batch.len(),
+            took_us = started.elapsed().as_micros() as u64,
+            "store flush"
+        );
         for (_, done) in batch.drain(..) {
             let _ = done.send(result.clone());
         }
@@ -385,6 +392,7 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T
     postcard::from_bytes(bytes).map_err(|e| store_error(path, "a record cannot be decoded in", e))
 }
 
+/// Writes a batch of changes in one transaction and commits it (one fsync).
 fn write_batch<'a>(
     db: &Database,
     changes: impl Iterator<Item = &'a Change>,
@@ -396,8 +404,18 @@ fn write_batch<'a>(
         let mut processes = txn.open_table(PROCESSES)?;
         let mut rooms = txn.open_table(ROOMS)?;
         let mut rooms_created = txn.open_table(ROOMS_CREATED)?;
+        // A batch often updates the same process (or counter) many times: only the last
+        // version of each key is written.
+        let records: Vec<&Record> = changes.flatten().collect();
+        let mut last: HashMap<Key<'_>, usize, foldhash::fast::RandomState> = HashMap::default();
+        for (i, record) in records.iter().enumerate() {
+            last.insert(Key::of(record), i);
+        }
         let mut buf = Vec::with_capacity(512);
-        for record in changes.flatten() {
+        for (i, record) in records.iter().enumerate() {
+            if last.get(&Key::of(record)) != Some(&i) {
+                continue;
+            }
             buf.clear();
             match record {
                 Record::Deployment(d) => {
@@ -437,6 +455,35 @@ fn write_batch<'a>(
     }
     txn.commit()?;
     Ok(())
+}
+
+/// What a record is about: records with the same key overwrite each other.
+#[derive(PartialEq, Eq, Hash)]
+enum Key<'a> {
+    Deployment(&'a str, u32),
+    Policy(&'a str, &'a str),
+    Process(u128),
+    /// A room's record and its removal share the key.
+    Room(&'a str, &'a str),
+    RoomsCreated(&'a str, &'a str, i64),
+}
+
+impl<'a> Key<'a> {
+    fn of(record: &'a Record) -> Key<'a> {
+        match record {
+            Record::Deployment(d) => Key::Deployment(&d.app_id, d.deployment_id),
+            Record::RegionPolicy { app_id, region, .. } => Key::Policy(app_id, region),
+            Record::Process(p) => Key::Process(p.process.process_id.as_u128()),
+            Record::Room(r) => Key::Room(&r.room.app_id, &r.room.room_id),
+            Record::RoomForgotten { app_id, room_id } => Key::Room(app_id, room_id),
+            Record::RoomsCreated {
+                app_id,
+                region,
+                second,
+                ..
+            } => Key::RoomsCreated(app_id, region, *second),
+        }
+    }
 }
 
 fn encode<'b, T: serde::Serialize>(value: &T, buf: &'b mut Vec<u8>) -> &'b [u8] {
