@@ -59,7 +59,10 @@ struct SimState {
 struct SimProcess {
     ports: Vec<u16>,
     task: JoinHandle<()>,
+    /// Where reports go: replaced when a new scheduler adopts the process.
     events: super::ProcessEvents,
+    /// Its ports, once it has bound them.
+    bound: Option<(ExposedPort, Vec<ExposedPort>)>,
 }
 
 impl SimState {
@@ -156,7 +159,6 @@ impl Backend for Simulated {
         let never_ready = rand::random::<f64>() < self.config.never_ready_ratio;
         let crashes = rand::random::<f64>() < self.config.crash_ratio;
         let (delay, crash_after) = (self.config.start_delay, self.config.crash_after);
-        let events = spec.events.clone();
         let pid = spec.process_id;
         let state = Arc::clone(&self.state);
         let task = tokio::spawn(async move {
@@ -164,11 +166,19 @@ impl Backend for Simulated {
             if never_ready {
                 return;
             }
+            let events = {
+                let mut st = lock(&state);
+                let Some(p) = st.processes.get_mut(&pid) else {
+                    return;
+                };
+                p.bound = Some((exposed_port.clone(), additional.clone()));
+                p.events.clone()
+            };
             events.bound(pid, exposed_port, additional);
             if crashes {
                 tokio::time::sleep(crash_after).await;
-                if lock(&state).release(pid).is_some() {
-                    events.exited(pid, ExitStatus::Code(1));
+                if let Some(p) = lock(&state).release(pid) {
+                    p.events.exited(pid, ExitStatus::Code(1));
                 }
             }
         });
@@ -178,6 +188,7 @@ impl Backend for Simulated {
                 ports,
                 task,
                 events: spec.events,
+                bound: None,
             },
         );
         Ok(())
@@ -185,8 +196,19 @@ impl Backend for Simulated {
 
     fn adopt(&self, spec: AdoptSpec) {
         let p = &spec.process;
-        if lock(&self.state).processes.contains_key(&p.process_id) {
-            return;
+        {
+            // Kept across the restart (an embedder reusing the backend): report to the new
+            // scheduler from now on, and repeat a bind it may have missed.
+            let mut st = lock(&self.state);
+            if let Some(known) = st.processes.get_mut(&p.process_id) {
+                known.events = spec.events.clone();
+                if let (crate::core::types::ProcessStatus::Starting, Some((port, more))) =
+                    (p.status, known.bound.clone())
+                {
+                    spec.events.bound(p.process_id, port, more);
+                }
+                return;
+            }
         }
         if p.status == crate::core::types::ProcessStatus::Starting {
             // It had not bound yet: it starts over.
@@ -216,6 +238,10 @@ impl Backend for Simulated {
             ports,
             task: tokio::spawn(async {}),
             events: spec.events,
+            bound: p
+                .exposed_port
+                .clone()
+                .map(|e| (e, p.additional_exposed_ports.clone())),
         };
         st.processes.insert(p.process_id, process);
     }

@@ -61,6 +61,10 @@ pub const DEFAULT_REGIONS: [&str; 14] = [
     "Dubai",
 ];
 
+/// How long a refused change's caller, or a read, waits for memory to be rolled back to the
+/// store before it gives up with UNAVAILABLE (the rollback itself goes on).
+const ROLLBACK_WAIT: Duration = Duration::from_secs(10);
+
 /// Default page size of `list_processes`, and its cap.
 pub const DEFAULT_PAGE_SIZE: usize = 100;
 pub const MAX_PAGE_SIZE: usize = 1000;
@@ -643,17 +647,33 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Waits for a commit; if the store refused it, rolls memory back to the store first.
-    async fn committed(&self, app: &App, commit: Commit) -> Result<()> {
-        match commit.wait().await {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                self.roll_back(app).await;
-                Err(Error::Unavailable(format!(
-                    "{err}; the change was not made, retry later"
-                )))
-            }
+    /// Waits for a commit; if the store refused it, rolls memory back to the store (waiting
+    /// for that at most `ROLLBACK_WAIT`: reads wait for it too, so nobody sees the change).
+    async fn committed(&self, app: &Arc<App>, commit: Commit) -> Result<()> {
+        let Err(err) = commit.wait().await else {
+            return Ok(());
+        };
+        let (this, app) = (self.clone(), Arc::clone(app));
+        let rollback = tokio::spawn(async move { this.roll_back(&app).await });
+        let _ = tokio::time::timeout(ROLLBACK_WAIT, rollback).await;
+        Err(Error::Unavailable(format!(
+            "{err}; the change was not made, retry later"
+        )))
+    }
+
+    /// Reads wait while memory is rolled back (it may still show a change the store refused);
+    /// UNAVAILABLE if the store stays unreadable.
+    async fn readable(&self) -> Result<()> {
+        if !self.state().retired.load(Ordering::Acquire) {
+            return Ok(());
         }
+        let waited = tokio::time::timeout(ROLLBACK_WAIT, self.inner.rollback.lock()).await;
+        if waited.is_ok() && !self.state().retired.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        Err(Error::Unavailable(
+            "the store is unavailable; state cannot be read until it is back".into(),
+        ))
     }
 
     /// After a failed commit: makes memory equal to what the store holds again. Changes to
@@ -1124,6 +1144,7 @@ impl Scheduler {
     }
 
     pub async fn get_deployment(&self, app_id: &str, deployment_id: u32) -> Result<Deployment> {
+        self.readable().await?;
         let app = self.app(app_id).map_err(|e| match e {
             Error::FailedPrecondition(_) => Error::NotFound(format!(
                 "deployment {deployment_id} of app {app_id} not found"
@@ -1134,12 +1155,14 @@ impl Scheduler {
     }
 
     pub async fn latest_deployment(&self, app_id: &str) -> Result<Deployment> {
+        self.readable().await?;
         let app = self.app(app_id).map_err(not_found_if_no_app)?;
         Ok(app.latest().map_err(not_found_if_no_app)?.as_ref().clone())
     }
 
     /// Newest first.
     pub async fn list_deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
+        self.readable().await?;
         validate::app_id(app_id)?;
         let Some(app) = self.existing_app(app_id) else {
             return Ok(vec![]);
@@ -1215,6 +1238,7 @@ impl Scheduler {
 
     /// A room, live or destroyed (destroyed rooms are kept for a bounded retention).
     pub async fn get_room(&self, app_id: &str, room_id: &str) -> Result<Room> {
+        self.readable().await?;
         let (app, region) = self.locate_room(app_id, room_id)?;
         self.read(&app, region, |s| s.room(&app.app_id, room_id))
             .ok_or_else(|| room_not_found(room_id))
@@ -1247,6 +1271,7 @@ impl Scheduler {
 
     /// Where players of a live room connect; STARTING until its process is RUNNING.
     pub async fn connection_info(&self, app_id: &str, room_id: &str) -> Result<ConnectionInfo> {
+        self.readable().await?;
         let (app, region) = self.locate_room(app_id, room_id)?;
         self.read(&app, region, |s| s.connection_info(room_id))
     }
@@ -1258,6 +1283,7 @@ impl Scheduler {
         app_id: &str,
         room_id: &str,
     ) -> Result<ConnectionWatch> {
+        self.readable().await?;
         let (app, region) = self.locate_room(app_id, room_id)?;
         let changes = app.shard(region).changes.subscribe();
         self.read(&app, region, |s| s.connection_info(room_id))?;
@@ -1273,23 +1299,26 @@ impl Scheduler {
         })
     }
 
-    /// The rooms now on a process, in the order they were placed.
+    /// The rooms now on a process, in the order they were placed (ties: by room id).
     pub async fn list_active_rooms(
         &self,
         app_id: &str,
         process_id: ProcessId,
     ) -> Result<Vec<Room>> {
+        self.readable().await?;
         let (app, region) = self.locate_process(app_id, process_id)?;
         self.read(&app, region, |s| s.active_rooms(&app.app_id, process_id))
             .ok_or_else(|| process_not_found(process_id))
     }
 
-    /// Rooms that were on a process and left (within the retention window), oldest first.
+    /// Rooms that were on a process and left (within the retention window), in the order they
+    /// left (ties: by room id).
     pub async fn list_inactive_rooms(
         &self,
         app_id: &str,
         process_id: ProcessId,
     ) -> Result<Vec<Room>> {
+        self.readable().await?;
         let (app, region) = self.locate_process(app_id, process_id)?;
         self.read(&app, region, |s| s.inactive_rooms(&app.app_id, process_id))
             .ok_or_else(|| process_not_found(process_id))
@@ -1334,6 +1363,7 @@ impl Scheduler {
     }
 
     pub async fn get_process(&self, app_id: &str, process_id: ProcessId) -> Result<Process> {
+        self.readable().await?;
         let (app, region) = self.locate_process(app_id, process_id)?;
         self.read(&app, region, |s| s.process(process_id))
             .ok_or_else(|| process_not_found(process_id))
@@ -1361,6 +1391,7 @@ impl Scheduler {
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<ProcessPage> {
+        self.readable().await?;
         validate::app_id(&filter.app_id)?;
         let regions = self.filtered_regions(filter)?;
         let after = page_token
@@ -1402,6 +1433,7 @@ impl Scheduler {
     }
 
     pub async fn count_processes(&self, filter: &ProcessFilter) -> Result<u64> {
+        self.readable().await?;
         validate::app_id(&filter.app_id)?;
         let regions = self.filtered_regions(filter)?;
         let Some(app) = self.existing_app(&filter.app_id) else {
@@ -1474,6 +1506,7 @@ impl Scheduler {
 
     /// The policy of one app in one region (the server's default until set).
     pub async fn get_region_policy(&self, app_id: &str, region: &str) -> Result<RegionPolicy> {
+        self.readable().await?;
         validate::app_id(app_id)?;
         let region = validate::region(&self.inner.regions, region)?;
         let app = self.existing_app(app_id);
@@ -1492,6 +1525,7 @@ impl Scheduler {
         start: Option<DateTime<Utc>>,
         end: Option<DateTime<Utc>>,
     ) -> Result<Vec<RegionUsage>> {
+        self.readable().await?;
         let filter = ProcessFilter {
             app_id: app_id.to_string(),
             statuses: vec![],
@@ -1579,6 +1613,10 @@ impl ConnectionWatch {
         while !self.done {
             if self.app.retired.load(Ordering::Acquire) {
                 // Memory was rolled back: follow the room in the new state.
+                if self.scheduler.readable().await.is_err() {
+                    self.done = true;
+                    return None;
+                }
                 match self.scheduler.locate_room(&self.app.app_id, &self.room_id) {
                     Ok((app, region)) => {
                         self.changes = app.shard(region).changes.subscribe();

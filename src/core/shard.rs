@@ -529,28 +529,41 @@ impl ShardState {
             .map(|r| (r.destroyed, r.room_config == config))
     }
 
+    /// Ordered by placement time, then room id (rooms placed in one operation share a time).
     pub(crate) fn active_rooms(&self, app_id: &str, pid: ProcessId) -> Option<Vec<Room>> {
         let p = self.processes.get(&pid)?;
-        Some(
-            p.rooms
-                .iter()
-                .map(|id| self.room_snapshot(app_id, id, &self.rooms[id]))
-                .collect(),
-        )
+        let mut rooms: Vec<Room> = p
+            .rooms
+            .iter()
+            .map(|id| self.room_snapshot(app_id, id, &self.rooms[id]))
+            .collect();
+        let placed = |r: &Room| r.current_allocation.as_ref().map(|a| a.scheduled_at);
+        rooms.sort_by(|a, b| (placed(a), &a.room_id).cmp(&(placed(b), &b.room_id)));
+        Some(rooms)
     }
 
+    /// Ordered by when they left the process, then room id (a stop ends all rooms at once).
     pub(crate) fn inactive_rooms(&self, app_id: &str, pid: ProcessId) -> Option<Vec<Room>> {
         let p = self.processes.get(&pid)?;
-        Some(
-            p.past_rooms
+        let mut rooms: Vec<Room> = p
+            .past_rooms
+            .iter()
+            .filter_map(|id| {
+                self.rooms
+                    .get(id)
+                    .map(|r| self.room_snapshot(app_id, id, r))
+            })
+            .collect();
+        // The end of the room's latest allocation on this process.
+        let left = |r: &Room| {
+            r.allocations
                 .iter()
-                .filter_map(|id| {
-                    self.rooms
-                        .get(id)
-                        .map(|r| self.room_snapshot(app_id, id, r))
-                })
-                .collect(),
-        )
+                .rev()
+                .find(|a| a.process_id == pid)
+                .and_then(|a| a.unscheduled_at)
+        };
+        rooms.sort_by(|a, b| (left(a), &a.room_id).cmp(&(left(b), &b.room_id)));
+        Some(rooms)
     }
 
     /// What the region cost in `[start, end)`, as of `now`.
@@ -1058,8 +1071,8 @@ impl ShardState {
         });
         tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, "process running");
         txn.notify = true;
+        self.after_room_left(ctx, pid, txn); // may start its idle clock: recorded below
         self.record_process(pid, txn);
-        self.after_room_left(ctx, pid, txn);
     }
 
     /// The process exited by itself, or after being told to stop.

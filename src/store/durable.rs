@@ -20,7 +20,7 @@
 
 use super::{Change, Commit, ProcessRecord, Record, RoomRecord, Store, StoreError};
 use crate::core::types::{Deployment, RegionPolicy};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -60,10 +60,18 @@ pub struct DurableStore {
 
 enum Command {
     Append(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
-    Load(mpsc::SyncSender<Result<Vec<Record>, StoreError>>),
+    Load(mpsc::SyncSender<Loaded>),
     Reopen(mpsc::Sender<Result<(), StoreError>>),
     /// Answers once everything queued before it is done.
     Sync(mpsc::Sender<()>),
+}
+
+/// What `load` receives from the writer thread: chunks, then exactly one `Done` or `Failed`
+/// (a closed channel without either means the writer died mid-way).
+enum Loaded {
+    Chunk(Vec<Record>),
+    Done,
+    Failed(StoreError),
 }
 
 impl DurableStore {
@@ -131,10 +139,17 @@ impl Store for DurableStore {
     fn load(&self, visit: &mut dyn FnMut(Record)) -> Result<(), StoreError> {
         let (tx, rx) = mpsc::sync_channel(4);
         self.send(Command::Load(tx))?;
-        for chunk in rx {
-            chunk?.into_iter().for_each(&mut *visit);
+        for message in rx {
+            match message {
+                Loaded::Chunk(records) => records.into_iter().for_each(&mut *visit),
+                Loaded::Done => return Ok(()),
+                Loaded::Failed(e) => return Err(e),
+            }
         }
-        Ok(())
+        Err(StoreError(format!(
+            "reading {} stopped before the end",
+            self.path.display()
+        )))
     }
 
     fn reopen(&self) -> Result<(), StoreError> {
@@ -149,43 +164,93 @@ fn store_error(path: &Path, what: &str, e: impl std::fmt::Display) -> StoreError
     StoreError(format!("{what} {}: {e}", path.display()))
 }
 
-/// Opens (or creates) the file and checks its format version.
-fn open_db(path: &Path) -> Result<Database, StoreError> {
-    let db = if path.exists() {
-        Database::open(path)
-    } else {
-        Database::create(path)
-    };
-    let db = db.map_err(|e| match e {
+/// Runs `f`, turning a panic inside it (redb panics on some damaged files) into an error.
+fn guarded<T>(path: &Path, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown failure");
+        Err(StoreError(format!(
+            "the store {} is damaged ({what}); move it away (or restore a backup) to start",
+            path.display()
+        )))
+    })
+}
+
+fn open_error(path: &Path, e: redb::DatabaseError) -> StoreError {
+    match e {
         redb::DatabaseError::DatabaseAlreadyOpen => StoreError(format!(
             "the store {} is in use by another roomsched (or another program)",
             path.display()
         )),
         e => StoreError(format!(
-            "cannot open the store {}: {e} — the file was left untouched; move it away to \
+            "cannot open the store {}: {e} — the file was left as it is; move it away to \
              start with an empty store",
             path.display()
         )),
-    })?;
-    let version = {
-        let read = db
-            .begin_read()
-            .map_err(|e| store_error(path, "cannot read", e))?;
-        match read.open_table(META) {
-            Ok(t) => t
-                .get("format_version")
-                .map_err(|e| store_error(path, "cannot read", e))?
-                .map(|v| v.value()),
-            Err(redb::TableError::TableDoesNotExist(_)) => None,
-            Err(e) => return Err(store_error(path, "cannot read", e)),
-        }
-    };
+    }
+}
+
+/// The format version a store was written with (`None` for a new, empty file).
+fn format_version(db: &impl ReadableDatabase, path: &Path) -> Result<Option<u64>, StoreError> {
+    let read = db
+        .begin_read()
+        .map_err(|e| store_error(path, "cannot read", e))?;
+    match read.open_table(META) {
+        Ok(t) => Ok(t
+            .get("format_version")
+            .map_err(|e| store_error(path, "cannot read", e))?
+            .map(|v| v.value())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(store_error(path, "cannot read", e)),
+    }
+}
+
+fn check_version(version: Option<u64>, path: &Path) -> Result<(), StoreError> {
     match version {
         Some(v) if v > FORMAT_VERSION => Err(StoreError(format!(
             "the store {} has format version {v}, written by a newer roomsched; this build \
-             reads version {FORMAT_VERSION} and older. The file was left untouched",
+             reads version {FORMAT_VERSION} and older. The file was left as it is",
             path.display()
         ))),
+        _ => Ok(()),
+    }
+}
+
+/// Opens (or creates) the file and checks its format version. An existing file is first
+/// opened read-only, so a store this build must refuse is never written to (opening a redb
+/// file for writing rewrites its header); one that needs crash recovery is repaired by the
+/// writable open.
+fn open_db(path: &Path) -> Result<Database, StoreError> {
+    guarded(path, || {
+        if path.exists() {
+            match ReadOnlyDatabase::open(path) {
+                Ok(db) => {
+                    let version = format_version(&db, path);
+                    drop(db);
+                    check_version(version?, path)?;
+                }
+                Err(redb::DatabaseError::RepairAborted) => {} // needs recovery: below
+                Err(e) => return Err(open_error(path, e)),
+            }
+        }
+        let db = if path.exists() {
+            Database::open(path)
+        } else {
+            Database::create(path)
+        }
+        .map_err(|e| open_error(path, e))?;
+        let version = format_version(&db, path)?;
+        check_version(version, path)?;
+        init(db, version, path)
+    })
+}
+
+/// Writes the format version and creates every table in a new store.
+fn init(db: Database, version: Option<u64>, path: &Path) -> Result<Database, StoreError> {
+    match version {
         Some(_) => Ok(db),
         None => {
             let write = || -> Result<(), redb::Error> {
@@ -242,8 +307,15 @@ impl Writer {
         match command {
             Command::Append(..) => unreachable!("appends are batched"),
             Command::Load(out) => {
-                if let Err(e) = self.load(&out) {
-                    let _ = out.send(Err(e));
+                let path = self.path.clone();
+                match guarded(&path, || self.load(&out)) {
+                    Ok(()) => {
+                        let _ = out.send(Loaded::Done);
+                    }
+                    Err(e) => {
+                        self.fail(&e);
+                        let _ = out.send(Loaded::Failed(e));
+                    }
                 }
             }
             Command::Reopen(done) => {
@@ -272,13 +344,13 @@ impl Writer {
         let result = match (&self.failed, &self.db) {
             (Some(e), _) => Err(e.clone()),
             (None, None) => Err(StoreError("the store is closed".into())),
-            (None, Some(db)) => write_batch(db, batch.iter().map(|(c, _)| c)).map_err(|e| {
-                let e = store_error(&self.path, "cannot write to", e);
-                tracing::error!(err = %e, "store write failed; refusing changes until memory is rolled back to the last commit");
-                self.failed = Some(e.clone());
-                self.db = None;
-                e
-            }),
+            (None, Some(db)) => {
+                let written = guarded(&self.path, || {
+                    write_batch(db, batch.iter().map(|(c, _)| c))
+                        .map_err(|e| store_error(&self.path, "cannot write to", e))
+                });
+                written.inspect_err(|e| self.fail(e))
+            }
         };
         tracing::trace!(
             changes = batch.len(),
@@ -294,6 +366,13 @@ impl Writer {
                 self.maybe_compact();
             }
         }
+    }
+
+    /// Refuses everything until `Reopen`: the file may be poisoned after an I/O error.
+    fn fail(&mut self, e: &StoreError) {
+        tracing::error!(err = %e, "store failed; refusing changes until memory is rolled back to the last commit");
+        self.failed = Some(e.clone());
+        self.db = None;
     }
 
     fn maybe_compact(&mut self) {
@@ -330,10 +409,7 @@ impl Writer {
 
     /// Streams every record to `out`, parents before children: deployments, policies,
     /// processes, rooms, usage counters.
-    fn load(
-        &self,
-        out: &mpsc::SyncSender<Result<Vec<Record>, StoreError>>,
-    ) -> Result<(), StoreError> {
+    fn load(&self, out: &mpsc::SyncSender<Loaded>) -> Result<(), StoreError> {
         let db = match (&self.failed, &self.db) {
             (Some(e), _) => return Err(e.clone()),
             (None, None) => return Err(StoreError("the store is closed".into())),
@@ -345,7 +421,7 @@ impl Writer {
         let emit = |record: Record, chunk: &mut Vec<Record>| -> Result<(), StoreError> {
             chunk.push(record);
             if chunk.len() == LOAD_CHUNK {
-                out.send(Ok(std::mem::take(chunk)))
+                out.send(Loaded::Chunk(std::mem::take(chunk)))
                     .map_err(|_| StoreError("the loader went away".into()))?;
             }
             Ok(())
@@ -382,7 +458,8 @@ impl Writer {
             count: v,
         });
         if !chunk.is_empty() {
-            let _ = out.send(Ok(chunk));
+            out.send(Loaded::Chunk(chunk))
+                .map_err(|_| StoreError("the loader went away".into()))?;
         }
         Ok(())
     }
