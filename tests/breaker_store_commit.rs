@@ -78,7 +78,9 @@ impl Persisted {
                     self.rooms
                         .insert((r.room.app_id.clone(), r.room.room_id.clone()), r);
                 }
-                Record::RoomForgotten { app_id, room_id } => {
+                Record::RoomForgotten {
+                    app_id, room_id, ..
+                } => {
                     self.rooms.remove(&(app_id, room_id));
                 }
                 Record::RoomsCreated {

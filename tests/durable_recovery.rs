@@ -1235,8 +1235,9 @@ fn ids(rooms: Vec<Room>) -> Vec<String> {
 }
 
 /// SPEC §9 ("back exactly as it was"): ListInactiveRoomsForProcess lists the rooms that left a
-/// process in the order they left, ties by room id. StopProcess ends all of a process's rooms at
-/// the same instant: they are listed by room id, before the crash and after the rebuild alike.
+/// process in the order they left, ties in creation order. StopProcess ends all of a process's
+/// rooms at the same instant: they are listed in creation order, before the crash and after the
+/// rebuild alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inactive_rooms_of_a_stopped_process_keep_their_order_through_a_rebuild() -> TestResult {
     let setup = Setup::new("order-inactive", &["Frankfurt"]);
@@ -1254,7 +1255,7 @@ async fn inactive_rooms_of_a_stopped_process_keep_their_order_through_a_rebuild(
     s.stop_process(APP, pid).await?;
     wait_status(&s, APP, pid, |st| st == ProcessStatus::Stopped, "STOPPED").await;
     let before = s.list_inactive_rooms(APP, pid).await?;
-    assert_eq!(ids(before.clone()), ["alpha", "mid", "zeta"]);
+    assert_eq!(ids(before.clone()), ["zeta", "alpha", "mid"]);
     crash(s);
     let s = setup.build(SimulatedConfig::default()).await;
     let after = s.list_inactive_rooms(APP, pid).await?;
@@ -1267,7 +1268,7 @@ async fn inactive_rooms_of_a_stopped_process_keep_their_order_through_a_rebuild(
     Ok(())
 }
 
-/// The same for ListActiveRoomsForProcess (the order they were placed, ties by room id): rooms
+/// The same for ListActiveRoomsForProcess (the order they were placed, ties in creation order): rooms
 /// placed again together after a start timeout get the same `scheduled_at`; their order on the
 /// new process must survive a rebuild.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1295,7 +1296,7 @@ async fn active_rooms_placed_at_the_same_instant_keep_their_order_through_a_rebu
         .expect("placed again")
         .process_id;
     let before = s.list_active_rooms(APP, next).await?;
-    assert_eq!(ids(before.clone()), ["alpha", "mid", "zeta"]);
+    assert_eq!(ids(before.clone()), ["zeta", "alpha", "mid"]);
     crash(s);
     let s = setup.build(never_ready()).await;
     let after = s.list_active_rooms(APP, next).await?;

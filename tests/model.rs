@@ -36,6 +36,10 @@ struct MProc {
 #[derive(Debug)]
 struct MRoom {
     process: Option<ProcessId>,
+    /// When it was placed on `process`.
+    placed: DateTime<Utc>,
+    /// Creation order.
+    created: usize,
     attempts: u8,
     allocations: usize,
 }
@@ -184,6 +188,7 @@ impl Model {
                     if let Some(t) = target {
                         room.attempts += 1;
                         room.allocations += 1;
+                        room.placed = self.now;
                         self.procs.get_mut(&t).unwrap().rooms.push(r);
                     }
                 }
@@ -249,8 +254,11 @@ async fn compare(s: &Scheduler, m: &mut Model, step: usize) {
             .into_iter()
             .map(|r| r.room_id)
             .collect();
+        // Listed by placement time, then creation order.
+        let mut expected = mp.rooms.clone();
+        expected.sort_by_key(|r| (m.rooms[r].placed, m.rooms[r].created));
         assert_eq!(
-            listed, mp.rooms,
+            listed, expected,
             "step {step}: rooms of {} ({:?})",
             p.process_id, p.status
         );
@@ -327,6 +335,8 @@ async fn run_sequence(seed: u64, steps: usize) {
                             r.room_id,
                             MRoom {
                                 process: Some(pid),
+                                placed: m.now,
+                                created: m.rooms.len(),
                                 attempts: 1,
                                 allocations: 1,
                             },
@@ -352,6 +362,8 @@ async fn run_sequence(seed: u64, steps: usize) {
                             r.room_id,
                             MRoom {
                                 process: Some(r.process_id),
+                                placed: m.now,
+                                created: m.rooms.len(),
                                 attempts: 1,
                                 allocations: 1,
                             },

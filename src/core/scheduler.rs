@@ -38,7 +38,7 @@ use dashmap::DashMap as SipDashMap;
 /// Concurrent maps keyed by ids, with foldhash (see `shard::FastMap`).
 type DashMap<K, V> = SipDashMap<K, V, foldhash::fast::RandomState>;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, Weak};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -97,6 +97,34 @@ struct Inner {
     rollback: tokio::sync::Mutex<()>,
     events: mpsc::UnboundedSender<ProcessEvent>,
     closing: watch::Sender<bool>,
+    /// The next room's number (`RoomRecord::seq`): above every number in the store.
+    room_seq: AtomicU64,
+}
+
+/// A change made in memory whose commit and effects are still to come. Dropped before they
+/// were taken (the caller went away while the store flushed), it finishes the change in a
+/// task of its own: the change is made, so its effects (start a process, arm its timers)
+/// must happen regardless.
+struct Unfinished {
+    scheduler: Scheduler,
+    app: Arc<App>,
+    region: usize,
+    rest: Option<(Txn, Option<Commit>)>,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return; // the runtime is gone, and the scheduler with it
+        };
+        if let Some((txn, commit)) = self.rest.take() {
+            let (scheduler, app, region) =
+                (self.scheduler.clone(), Arc::clone(&self.app), self.region);
+            runtime.spawn(async move {
+                let _ = scheduler.finish(&app, region, txn, commit).await;
+            });
+        }
+    }
 }
 
 /// Everything the scheduler knows; replaced as a whole when memory is rolled back.
@@ -377,6 +405,7 @@ impl SchedulerBuilder {
             rollback: tokio::sync::Mutex::new(()),
             events,
             closing: watch::Sender::new(false),
+            room_seq: AtomicU64::new(0),
         });
         let scheduler = Scheduler { inner };
         let started = std::time::Instant::now();
@@ -563,6 +592,7 @@ impl Scheduler {
             limits: &self.inner.limits,
             backend: self.inner.backend.as_ref(),
             latest: app.latest().ok(),
+            room_seq: &self.inner.room_seq,
         }
     }
 
@@ -598,29 +628,40 @@ impl Scheduler {
             }
             (out, self.append(&mut txn))
         };
-        match commit {
-            // The caller may go away while the store flushes; the change is made, so its
-            // effects (start a process, arm its timers) must happen regardless: finish in a
-            // task of its own.
-            Some(pending @ Commit::Pending(_)) => {
-                let (this, app) = (self.clone(), Arc::clone(app));
-                tokio::spawn(async move { this.finish(&app, region, txn, Some(pending)).await })
-                    .await
-                    .map_err(|e| Error::Internal(format!("finishing a change failed: {e}")))??;
+        let mut unfinished = Unfinished {
+            scheduler: self.clone(),
+            app: Arc::clone(app),
+            region,
+            rest: Some((txn, commit)),
+        };
+        if let Some((_, Some(Commit::Pending(flushed)))) = unfinished.rest.as_mut() {
+            // Cancelled here (the caller went away while the store flushed), `unfinished`
+            // finishes the change in a task of its own.
+            let result = flushed.await;
+            if let Some((_, commit)) = unfinished.rest.as_mut() {
+                *commit = Some(Commit::Done(
+                    result.unwrap_or_else(|_| Err(Commit::stopped())),
+                ));
             }
-            done => self.finish(app, region, txn, done).await?,
         }
+        let (txn, commit) = unfinished.rest.take().expect("taken only here and on drop");
+        self.finish(app, region, txn, commit).await?;
         out
     }
 
+    /// Hands the change's records to the store. A call that changed nothing still answers
+    /// from what the shard shows (a safe retry, "destroyed already"), which may include
+    /// changes still on their way to the disk: it waits for those (a barrier).
     fn append(&self, txn: &mut Txn) -> Option<Commit> {
         match txn.records.take() {
             Some(records) if !records.is_empty() => Some(self.inner.store.append(records)),
-            _ => None,
+            Some(_) => Some(self.inner.store.barrier()),
+            None => None,
         }
     }
 
-    /// After a change: wait until it is durable, then carry out its effects.
+    /// After a change: wait until it is durable, then carry out its effects (nothing after
+    /// the commit awaits, so a caller going away cannot stop them half-way).
     async fn finish(
         &self,
         app: &Arc<App>,
@@ -642,7 +683,7 @@ impl Scheduler {
             self.carry_out(app, region, effect);
         }
         if !txn.destroyed.is_empty() {
-            self.retain(app, region, txn.destroyed).await;
+            self.retain(app, region, txn.destroyed);
         }
         Ok(())
     }
@@ -779,6 +820,9 @@ impl Scheduler {
                     processes.entry(key).or_default().push(p);
                 }
                 Record::Room(room) => {
+                    self.inner
+                        .room_seq
+                        .fetch_max(room.seq + 1, Ordering::Relaxed);
                     let r = region_of(&room.region, "rooms")?;
                     rooms
                         .entry((room.room.app_id.clone(), r))
@@ -986,8 +1030,9 @@ impl Scheduler {
         });
     }
 
-    /// Destroyed rooms enter the retention window; the oldest beyond it are forgotten.
-    async fn retain(&self, app: &Arc<App>, region: usize, destroyed: Vec<String>) {
+    /// Destroyed rooms enter the retention window; the oldest beyond it are forgotten (in the
+    /// background: the caller's change is durable already and does not wait for this one).
+    fn retain(&self, app: &Arc<App>, region: usize, destroyed: Vec<String>) {
         let state = self.inner.state.load_full();
         let evicted: Vec<(Arc<App>, usize, String)> = {
             let mut queue = state.retention.lock().unwrap_or_else(|e| e.into_inner());
@@ -1004,22 +1049,32 @@ impl Scheduler {
         for (app, region, room_id) in evicted {
             let commit = {
                 let mut state = app.shard(region).lock();
-                if app.check_not_retired().is_err() || !state.forget_room(&room_id) {
+                if app.check_not_retired().is_err() {
                     continue;
                 }
+                let Some(seq) = state.forget_room(&room_id) else {
+                    continue;
+                };
                 app.rooms.remove(&room_id);
                 let mut txn = Txn::new(self.inner.store.wants_records());
                 if let Some(records) = txn.records.as_mut() {
                     records.push(Record::RoomForgotten {
                         app_id: app.app_id.clone(),
                         room_id,
+                        seq,
                     });
                 }
                 self.append(&mut txn)
             };
-            if let Some(commit) = commit {
-                if let Err(err) = self.committed(&app, commit).await {
-                    tracing::warn!(%err, "could not persist the eviction of a destroyed room");
+            match commit {
+                Some(Commit::Done(Ok(()))) | None => {}
+                Some(commit) => {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = this.committed(&app, commit).await {
+                            tracing::warn!(%err, "could not persist the eviction of a destroyed room");
+                        }
+                    });
                 }
             }
         }

@@ -28,6 +28,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 /// Hash maps keyed by ids: foldhash is several times faster than SipHash on short keys and
 /// seeds itself per process, which is enough against crafted room ids.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -56,6 +57,8 @@ pub(crate) struct Ctx<'a> {
     /// The app's latest deployment (read under the shard lock, so a deployment created
     /// meanwhile drains this shard only after the operation).
     pub(crate) latest: Option<Arc<Deployment>>,
+    /// Numbers rooms in the order they are created, server-wide (the store's key of a room).
+    pub(crate) room_seq: &'a AtomicU64,
 }
 
 /// After a pool process failed to start, the warm pool waits this long before starting
@@ -219,6 +222,8 @@ impl ProcessEntry {
 
 #[derive(Debug)]
 struct RoomEntry {
+    /// The room's number in creation order (`Ctx::room_seq`).
+    seq: u64,
     room_config: String,
     /// Oldest first; the last one is current unless the room is destroyed.
     allocations: Vec<RoomAllocation>,
@@ -313,23 +318,24 @@ impl ShardState {
         }
         // Live rooms onto their processes in the order they were placed; earlier placements
         // into the processes' past rooms in the order they ended.
-        let mut live: Vec<(DateTime<Utc>, ProcessId, String)> = Vec::new();
-        let mut past: Vec<(DateTime<Utc>, ProcessId, String)> = Vec::new();
+        let mut live: Vec<(DateTime<Utc>, u64, ProcessId, String)> = Vec::new();
+        let mut past: Vec<(DateTime<Utc>, u64, ProcessId, String)> = Vec::new();
         for r in rooms {
             let room = r.room;
             let destroyed = room.current_allocation.is_none();
             for (i, a) in room.allocations.iter().enumerate() {
                 let current = !destroyed && i + 1 == room.allocations.len();
                 if current {
-                    live.push((a.scheduled_at, a.process_id, room.room_id.clone()));
+                    live.push((a.scheduled_at, r.seq, a.process_id, room.room_id.clone()));
                 } else {
                     let ended = a.unscheduled_at.unwrap_or(a.scheduled_at);
-                    past.push((ended, a.process_id, room.room_id.clone()));
+                    past.push((ended, r.seq, a.process_id, room.room_id.clone()));
                 }
             }
             state.rooms.insert(
                 room.room_id,
                 RoomEntry {
+                    seq: r.seq,
                     room_config: room.room_config,
                     allocations: room.allocations,
                     destroyed,
@@ -340,7 +346,7 @@ impl ShardState {
         }
         live.sort();
         past.sort();
-        for (_, pid, room_id) in live {
+        for (_, _, pid, room_id) in live {
             match state.processes.get_mut(&pid) {
                 Some(e) if e.process.status.is_live() && e.free_slots() > 0 => {
                     e.rooms.push(room_id)
@@ -355,7 +361,7 @@ impl ShardState {
                 }
             }
         }
-        for (_, pid, room_id) in past {
+        for (_, _, pid, room_id) in past {
             if let Some(e) = state.processes.get_mut(&pid) {
                 e.past_rooms.push_back(room_id);
             }
@@ -529,41 +535,45 @@ impl ShardState {
             .map(|r| (r.destroyed, r.room_config == config))
     }
 
-    /// Ordered by placement time, then room id (rooms placed in one operation share a time).
+    /// Ordered by placement time, then creation order (rooms placed in one operation share a
+    /// time); the same after a restart.
     pub(crate) fn active_rooms(&self, app_id: &str, pid: ProcessId) -> Option<Vec<Room>> {
         let p = self.processes.get(&pid)?;
-        let mut rooms: Vec<Room> = p
-            .rooms
-            .iter()
-            .map(|id| self.room_snapshot(app_id, id, &self.rooms[id]))
-            .collect();
-        let placed = |r: &Room| r.current_allocation.as_ref().map(|a| a.scheduled_at);
-        rooms.sort_by(|a, b| (placed(a), &a.room_id).cmp(&(placed(b), &b.room_id)));
-        Some(rooms)
+        let mut rooms: Vec<(&String, &RoomEntry)> =
+            p.rooms.iter().map(|id| (id, &self.rooms[id])).collect();
+        rooms.sort_by_key(|(_, r)| (r.allocations.last().map(|a| a.scheduled_at), r.seq));
+        Some(
+            rooms
+                .into_iter()
+                .map(|(id, r)| self.room_snapshot(app_id, id, r))
+                .collect(),
+        )
     }
 
-    /// Ordered by when they left the process, then room id (a stop ends all rooms at once).
+    /// Ordered by when they left the process, then creation order (a stop ends all rooms at
+    /// once); the same after a restart.
     pub(crate) fn inactive_rooms(&self, app_id: &str, pid: ProcessId) -> Option<Vec<Room>> {
         let p = self.processes.get(&pid)?;
-        let mut rooms: Vec<Room> = p
+        let mut rooms: Vec<(&String, &RoomEntry)> = p
             .past_rooms
             .iter()
-            .filter_map(|id| {
-                self.rooms
-                    .get(id)
-                    .map(|r| self.room_snapshot(app_id, id, r))
-            })
+            .filter_map(|id| self.rooms.get(id).map(|r| (id, r)))
             .collect();
         // The end of the room's latest allocation on this process.
-        let left = |r: &Room| {
+        let left = |r: &RoomEntry| {
             r.allocations
                 .iter()
                 .rev()
                 .find(|a| a.process_id == pid)
                 .and_then(|a| a.unscheduled_at)
         };
-        rooms.sort_by(|a, b| (left(a), &a.room_id).cmp(&(left(b), &b.room_id)));
-        Some(rooms)
+        rooms.sort_by_key(|(_, r)| (left(r), r.seq));
+        Some(
+            rooms
+                .into_iter()
+                .map(|(id, r)| self.room_snapshot(app_id, id, r))
+                .collect(),
+        )
     }
 
     /// What the region cost in `[start, end)`, as of `now`.
@@ -632,6 +642,7 @@ impl ShardState {
         };
         if let Some(r) = self.rooms.get(room_id) {
             records.push(Record::Room(RoomRecord {
+                seq: r.seq,
                 room: self.room_snapshot(ctx.app_id, room_id, r),
                 region: ctx.region.to_string(),
                 attempts: r.attempts,
@@ -711,11 +722,15 @@ impl ShardState {
                 self.new_process(ctx, dep, initial, txn)?
             }
         };
-        self.update(pid, |e| {
+        let idle_clock_stopped = self.update(pid, |e| {
             e.rooms.push(room_id.to_string());
-            e.idle_since = None;
+            e.idle_since.take().is_some()
         });
-        self.record_process(pid, txn);
+        // The store rebuilds `rooms_allocated` from the rooms themselves, so the process needs
+        // a record only when something else of it changed.
+        if idle_clock_stopped == Some(true) {
+            self.record_process(pid, txn);
+        }
         txn.notify = true;
         Ok(pid)
     }
@@ -735,6 +750,7 @@ impl ShardState {
         self.rooms.insert(
             room_id.to_string(),
             RoomEntry {
+                seq: ctx.room_seq.fetch_add(1, Ordering::Relaxed),
                 room_config,
                 allocations: vec![allocation],
                 destroyed: false,
@@ -851,7 +867,11 @@ impl ShardState {
         });
         self.close_room(ctx, pid, room_id, true, txn);
         self.after_room_left(ctx, pid, txn);
-        self.record_process(pid, txn);
+        // Only the last room's leaving changes more of the process than `rooms_allocated`
+        // (its idle clock, or a drained process's stop).
+        if self.processes.get(&pid).is_some_and(|e| e.rooms.is_empty()) {
+            self.record_process(pid, txn);
+        }
         Ok(())
     }
 
@@ -930,15 +950,14 @@ impl ShardState {
             .ok_or_else(|| Error::Internal("room vanished".into()))
     }
 
-    /// Drops a destroyed room for good (it left the retention window). Returns whether it did.
-    pub(crate) fn forget_room(&mut self, room_id: &str) -> bool {
+    /// Drops a destroyed room for good (it left the retention window). Returns its number if
+    /// it did.
+    pub(crate) fn forget_room(&mut self, room_id: &str) -> Option<u64> {
         match self.rooms.get(room_id) {
             Some(r) if r.destroyed => {}
-            _ => return false,
+            _ => return None,
         }
-        let Some(r) = self.rooms.remove(room_id) else {
-            return false;
-        };
+        let r = self.rooms.remove(room_id)?;
         for a in &r.allocations {
             if let Some(p) = self.processes.get_mut(&a.process_id) {
                 if let Some(i) = p.past_rooms.iter().position(|x| x == room_id) {
@@ -946,7 +965,7 @@ impl ShardState {
                 }
             }
         }
-        true
+        Some(r.seq)
     }
 
     // ----- process lifecycle -------------------------------------------------------------
@@ -1402,6 +1421,7 @@ mod tests {
             limits,
             backend: &NO_BACKEND,
             latest: None,
+            room_seq: &ROOM_SEQ,
         }
     }
 
@@ -1419,6 +1439,7 @@ mod tests {
     }
 
     static NO_BACKEND: NoBackend = NoBackend;
+    static ROOM_SEQ: AtomicU64 = AtomicU64::new(0);
 
     /// A shard whose operations happen at chosen wall-clock seconds.
     struct Fixture {

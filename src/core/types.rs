@@ -136,6 +136,7 @@ pub struct Deployment {
     pub env: Vec<EnvVar>,
     pub command: Vec<String>,
     pub placement_strategy: PlacementStrategy,
+    #[serde(with = "timestamp")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -153,9 +154,13 @@ pub struct Process {
     /// Unset until the process is RUNNING.
     pub exposed_port: Option<ExposedPort>,
     pub additional_exposed_ports: Vec<ExposedPort>,
+    #[serde(with = "timestamp")]
     pub created_at: DateTime<Utc>,
+    #[serde(with = "timestamp::option")]
     pub started_at: Option<DateTime<Utc>>,
+    #[serde(with = "timestamp::option")]
     pub stopping_at: Option<DateTime<Utc>>,
+    #[serde(with = "timestamp::option")]
     pub terminated_at: Option<DateTime<Utc>>,
     /// Why it ended; empty while alive.
     pub summary_exit_reason: String,
@@ -168,8 +173,10 @@ pub struct Process {
 pub struct RoomAllocation {
     pub room_allocation_id: Uuid,
     pub process_id: ProcessId,
+    #[serde(with = "timestamp")]
     pub scheduled_at: DateTime<Utc>,
     /// Unset while this is the room's current allocation.
+    #[serde(with = "timestamp::option")]
     pub unscheduled_at: Option<DateTime<Utc>>,
 }
 
@@ -276,4 +283,55 @@ pub struct RegionUsage {
     pub rooms_created: u64,
     /// Most processes alive at once in the window (from `created_at` to `terminated_at`).
     pub peak_processes: u32,
+}
+
+/// Serde for timestamps: RFC 3339 text in human-readable formats (JSON), nanoseconds since
+/// (seconds, nanoseconds) since the Unix epoch in compact binary ones (the durable store's
+/// records: smaller, and no text formatting or parsing on the write path).
+pub mod timestamp {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            t.serialize(s)
+        } else {
+            (t.timestamp(), t.timestamp_subsec_nanos()).serialize(s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        if d.is_human_readable() {
+            DateTime::<Utc>::deserialize(d)
+        } else {
+            let (secs, nanos) = <(i64, u32)>::deserialize(d)?;
+            DateTime::from_timestamp(secs, nanos)
+                .ok_or_else(|| serde::de::Error::custom("timestamp out of range"))
+        }
+    }
+
+    /// The same for an optional timestamp.
+    pub mod option {
+        use chrono::{DateTime, Utc};
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Wrapped(#[serde(with = "super")] DateTime<Utc>);
+
+        pub fn serialize<S: Serializer>(
+            t: &Option<DateTime<Utc>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match t {
+                Some(t) => s.serialize_some(&Wrapped(*t)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<DateTime<Utc>>, D::Error> {
+            Ok(Option::<Wrapped>::deserialize(d)?.map(|w| w.0))
+        }
+    }
 }

@@ -37,13 +37,23 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DEPLOYMENTS: TableDefinition<(&str, u32), &[u8]> = TableDefinition::new("deployments");
 const POLICIES: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("region_policies");
 const PROCESSES: TableDefinition<u128, &[u8]> = TableDefinition::new("processes");
-const ROOMS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("rooms");
+/// Keyed by `RoomRecord::seq`: new rooms go to the end of the table.
+const ROOMS: TableDefinition<u64, &[u8]> = TableDefinition::new("rooms");
+/// Group commits not yet folded into the tables above: batch number → the batch's records.
+const JOURNAL: TableDefinition<u64, &[u8]> = TableDefinition::new("journal");
 /// (app, region, unix second) → rooms created in that second, for usage reports.
 const ROOMS_CREATED: TableDefinition<(&str, &str, i64), u64> =
     TableDefinition::new("rooms_created");
 
 /// Records handed to `load`'s visitor per message from the writer thread.
 const LOAD_CHUNK: usize = 4096;
+
+/// The journal is folded into the tables once it holds this many records.
+const CHECKPOINT_RECORDS: usize = 4096;
+
+/// Under load (changes arrived during the last flush) the writer waits this long before
+/// taking the next batch.
+const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Compaction is considered every this many commits, and done only when the file is larger
 /// than `COMPACT_RATIO` times what it stores and larger than `COMPACT_MIN_BYTES`.
@@ -93,6 +103,8 @@ impl DurableStore {
             db: Some(db),
             failed: None,
             commits: 0,
+            next_batch: 0,
+            journaled: 0,
         };
         std::thread::Builder::new()
             .name("roomsched-store".into())
@@ -134,6 +146,11 @@ impl Store for DurableStore {
             return Commit::Done(Err(e));
         }
         Commit::Pending(rx)
+    }
+
+    /// An empty change: it is answered with the batch it falls in, after every batch before.
+    fn barrier(&self) -> Commit {
+        self.append(Vec::new())
     }
 
     fn load(&self, visit: &mut dyn FnMut(Record)) -> Result<(), StoreError> {
@@ -244,7 +261,13 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
         .map_err(|e| open_error(path, e))?;
         let version = format_version(&db, path)?;
         check_version(version, path)?;
-        init(db, version, path)
+        let db = init(db, version, path)?;
+        // Batches journaled before a crash (or a failure) go into the tables now.
+        let folded = checkpoint(&db, path)?;
+        if folded > 0 {
+            tracing::info!(batches = folded, "store journal folded into the tables");
+        }
+        Ok(db)
     })
 }
 
@@ -264,6 +287,7 @@ fn init(db: Database, version: Option<u64>, path: &Path) -> Result<Database, Sto
                     txn.open_table(PROCESSES)?;
                     txn.open_table(ROOMS)?;
                     txn.open_table(ROOMS_CREATED)?;
+                    txn.open_table(JOURNAL)?;
                 }
                 txn.commit()?;
                 Ok(())
@@ -281,13 +305,28 @@ struct Writer {
     /// Set when a commit failed: everything is refused until `Reopen`.
     failed: Option<StoreError>,
     commits: u64,
+    /// The journal key of the next batch (the journal is empty whenever the file is opened).
+    next_batch: u64,
+    /// Records in the journal since the last checkpoint.
+    journaled: usize,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut batch: Vec<(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>)> =
             Vec::new();
-        while let Ok(first) = rx.recv() {
+        // A command that arrived while the last batch was being flushed.
+        let mut waiting: Option<Command> = None;
+        loop {
+            // Busy (work piled up during the last flush): let more changes pile up, so that
+            // each fsync serves more of them. Asleep, the writer costs the senders no wake-ups.
+            // Idle: flush at once.
+            if waiting.is_some() {
+                std::thread::sleep(LINGER);
+            }
+            let Some(first) = waiting.take().or_else(|| rx.recv().ok()) else {
+                return;
+            };
             let mut next = Some(first);
             while let Some(command) = next.take() {
                 match command {
@@ -300,6 +339,7 @@ impl Writer {
                 next = rx.try_recv().ok();
             }
             self.flush(&mut batch);
+            waiting = rx.try_recv().ok();
         }
     }
 
@@ -346,10 +386,20 @@ impl Writer {
             (None, None) => Err(StoreError("the store is closed".into())),
             (None, Some(db)) => {
                 let written = guarded(&self.path, || {
-                    write_batch(db, batch.iter().map(|(c, _)| c))
+                    journal_batch(db, self.next_batch, batch.iter().map(|(c, _)| c))
                         .map_err(|e| store_error(&self.path, "cannot write to", e))
                 });
-                written.inspect_err(|e| self.fail(e))
+                match written {
+                    Ok(records) => {
+                        self.next_batch += 1;
+                        self.journaled += records;
+                        Ok(())
+                    }
+                    Err(e) => {
+                        self.fail(&e);
+                        Err(e)
+                    }
+                }
             }
         };
         tracing::trace!(
@@ -362,9 +412,31 @@ impl Writer {
         }
         if result.is_ok() {
             self.commits += 1;
+            if self.journaled >= CHECKPOINT_RECORDS {
+                self.checkpoint();
+            }
             if self.commits % COMPACT_CHECK_EVERY == 0 {
                 self.maybe_compact();
             }
+        }
+    }
+
+    /// Folds the journal into the tables (between batches: the waiters of every journaled
+    /// batch have their answer already).
+    fn checkpoint(&mut self) {
+        let Some(db) = &self.db else { return };
+        let started = Instant::now();
+        match guarded(&self.path, || checkpoint(db, &self.path)) {
+            Ok(batches) => {
+                tracing::debug!(
+                    batches,
+                    records = self.journaled,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "store checkpoint"
+                );
+                self.journaled = 0;
+            }
+            Err(e) => self.fail(&e),
         }
     }
 
@@ -409,7 +481,11 @@ impl Writer {
 
     /// Streams every record to `out`, parents before children: deployments, policies,
     /// processes, rooms, usage counters.
-    fn load(&self, out: &mpsc::SyncSender<Loaded>) -> Result<(), StoreError> {
+    fn load(&mut self, out: &mpsc::SyncSender<Loaded>) -> Result<(), StoreError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        self.checkpoint();
         let db = match (&self.failed, &self.db) {
             (Some(e), _) => return Err(e.clone()),
             (None, None) => return Err(StoreError("the store is closed".into())),
@@ -469,79 +545,122 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T
     postcard::from_bytes(bytes).map_err(|e| store_error(path, "a record cannot be decoded in", e))
 }
 
-/// Writes a batch of changes in one transaction and commits it (one fsync).
-fn write_batch<'a>(
+/// The last version of each key among `records` (in order), so a batch or a checkpoint
+/// writes every key once (a busy process is re-recorded by every room placed on it).
+fn latest_per_key<'a>(records: impl Iterator<Item = &'a Record>) -> Vec<&'a Record> {
+    let records: Vec<&Record> = records.collect();
+    let mut last: HashMap<Key<'_>, usize, foldhash::fast::RandomState> = HashMap::default();
+    for (i, record) in records.iter().enumerate() {
+        last.insert(Key::of(record), i);
+    }
+    records
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| last.get(&Key::of(r)) == Some(i))
+        .map(|(_, r)| *r)
+        .collect()
+}
+
+/// Appends a batch of changes to the journal as one entry and commits it (one fsync).
+fn journal_batch<'a>(
     db: &Database,
+    seq: u64,
     changes: impl Iterator<Item = &'a Change>,
-) -> Result<(), redb::Error> {
+) -> Result<usize, redb::Error> {
+    let records = latest_per_key(changes.flatten());
+    if records.is_empty() {
+        return Ok(0); // only barriers: the batches before this one are committed already
+    }
+    let mut buf = Vec::with_capacity(256 * records.len());
     let txn = db.begin_write()?;
-    {
-        let mut deployments = txn.open_table(DEPLOYMENTS)?;
-        let mut policies = txn.open_table(POLICIES)?;
-        let mut processes = txn.open_table(PROCESSES)?;
-        let mut rooms = txn.open_table(ROOMS)?;
-        let mut rooms_created = txn.open_table(ROOMS_CREATED)?;
-        // A batch often updates the same process (or counter) many times: only the last
-        // version of each key is written.
-        let records: Vec<&Record> = changes.flatten().collect();
-        let mut last: HashMap<Key<'_>, usize, foldhash::fast::RandomState> = HashMap::default();
-        for (i, record) in records.iter().enumerate() {
-            last.insert(Key::of(record), i);
+    txn.open_table(JOURNAL)?
+        .insert(seq, encode(&records, &mut buf))?;
+    txn.commit()?;
+    Ok(records.len())
+}
+
+/// Folds the journal into the tables in one transaction: the last version of each key,
+/// applied in key order (so each B-tree page is rewritten once), then the journal emptied.
+/// Returns the journal entries folded.
+fn checkpoint(db: &Database, path: &Path) -> Result<usize, StoreError> {
+    let fail = |e: &dyn std::fmt::Display| store_error(path, "cannot checkpoint", e);
+    let txn = db.begin_write().map_err(|e| fail(&e))?;
+    let folded = {
+        let mut journal = txn.open_table(JOURNAL).map_err(|e| fail(&e))?;
+        let mut entries: Vec<u64> = Vec::new();
+        let mut records: Vec<Record> = Vec::new();
+        for item in journal.iter().map_err(|e| fail(&e))? {
+            let (seq, value) = item.map_err(|e| fail(&e))?;
+            entries.push(seq.value());
+            records.extend(decode::<Vec<Record>>(value.value(), path)?);
         }
-        let mut buf = Vec::with_capacity(512);
-        for (i, record) in records.iter().enumerate() {
-            if last.get(&Key::of(record)) != Some(&i) {
-                continue;
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let mut latest = latest_per_key(records.iter());
+        latest.sort_by(|a, b| Key::of(a).cmp(&Key::of(b)));
+        apply(&txn, &latest).map_err(|e| fail(&e))?;
+        for seq in &entries {
+            journal.remove(seq).map_err(|e| fail(&e))?;
+        }
+        entries.len()
+    };
+    txn.commit().map_err(|e| fail(&e))?;
+    Ok(folded)
+}
+
+/// Writes records into their tables.
+fn apply(txn: &redb::WriteTransaction, records: &[&Record]) -> Result<(), redb::Error> {
+    let mut deployments = txn.open_table(DEPLOYMENTS)?;
+    let mut policies = txn.open_table(POLICIES)?;
+    let mut processes = txn.open_table(PROCESSES)?;
+    let mut rooms = txn.open_table(ROOMS)?;
+    let mut rooms_created = txn.open_table(ROOMS_CREATED)?;
+    let mut buf = Vec::with_capacity(512);
+    for record in records {
+        buf.clear();
+        match record {
+            Record::Deployment(d) => {
+                deployments.insert((d.app_id.as_str(), d.deployment_id), encode(d, &mut buf))?;
             }
-            buf.clear();
-            match record {
-                Record::Deployment(d) => {
-                    deployments
-                        .insert((d.app_id.as_str(), d.deployment_id), encode(d, &mut buf))?;
-                }
-                Record::RegionPolicy {
-                    app_id,
-                    region,
-                    policy,
-                } => {
-                    policies
-                        .insert((app_id.as_str(), region.as_str()), encode(policy, &mut buf))?;
-                }
-                Record::Process(p) => {
-                    processes.insert(p.process.process_id.as_u128(), encode(p, &mut buf))?;
-                }
-                Record::Room(r) => {
-                    rooms.insert(
-                        (r.room.app_id.as_str(), r.room.room_id.as_str()),
-                        encode(r, &mut buf),
-                    )?;
-                }
-                Record::RoomForgotten { app_id, room_id } => {
-                    rooms.remove((app_id.as_str(), room_id.as_str()))?;
-                }
-                Record::RoomsCreated {
-                    app_id,
-                    region,
-                    second,
-                    count,
-                } => {
-                    rooms_created.insert((app_id.as_str(), region.as_str(), *second), *count)?;
-                }
+            Record::RegionPolicy {
+                app_id,
+                region,
+                policy,
+            } => {
+                policies.insert((app_id.as_str(), region.as_str()), encode(policy, &mut buf))?;
+            }
+            Record::Process(p) => {
+                processes.insert(p.process.process_id.as_u128(), encode(p, &mut buf))?;
+            }
+            Record::Room(r) => {
+                rooms.insert(r.seq, encode(r, &mut buf))?;
+            }
+            Record::RoomForgotten { seq, .. } => {
+                rooms.remove(*seq)?;
+            }
+            Record::RoomsCreated {
+                app_id,
+                region,
+                second,
+                count,
+            } => {
+                rooms_created.insert((app_id.as_str(), region.as_str(), *second), *count)?;
             }
         }
     }
-    txn.commit()?;
     Ok(())
 }
 
-/// What a record is about: records with the same key overwrite each other.
-#[derive(PartialEq, Eq, Hash)]
+/// What a record is about: records with the same key overwrite each other. Ordered by table,
+/// then key.
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
 enum Key<'a> {
     Deployment(&'a str, u32),
     Policy(&'a str, &'a str),
     Process(u128),
     /// A room's record and its removal share the key.
-    Room(&'a str, &'a str),
+    Room(u64),
     RoomsCreated(&'a str, &'a str, i64),
 }
 
@@ -551,8 +670,8 @@ impl<'a> Key<'a> {
             Record::Deployment(d) => Key::Deployment(&d.app_id, d.deployment_id),
             Record::RegionPolicy { app_id, region, .. } => Key::Policy(app_id, region),
             Record::Process(p) => Key::Process(p.process.process_id.as_u128()),
-            Record::Room(r) => Key::Room(&r.room.app_id, &r.room.room_id),
-            Record::RoomForgotten { app_id, room_id } => Key::Room(app_id, room_id),
+            Record::Room(r) => Key::Room(r.seq),
+            Record::RoomForgotten { seq, .. } => Key::Room(*seq),
             Record::RoomsCreated {
                 app_id,
                 region,

@@ -30,6 +30,8 @@ pub enum Record {
     RoomForgotten {
         app_id: String,
         room_id: String,
+        /// The room's `RoomRecord::seq`.
+        seq: u64,
     },
     /// `count` rooms were created in the region during unix second `second` (usage reports).
     RoomsCreated {
@@ -41,6 +43,8 @@ pub enum Record {
 }
 
 /// A process as persisted: what the API shows, plus the scheduler's own bookkeeping.
+/// `process.rooms_allocated` may be stale: a room placed or ended writes only the room's
+/// record, and the count is rebuilt from the live rooms on load.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProcessRecord {
     pub process: Process,
@@ -49,12 +53,16 @@ pub struct ProcessRecord {
     /// Why it was told to stop (its exit reason once it has exited).
     pub stop_reason: Option<String>,
     /// Since when a RUNNING process has held no room (its idle clock).
+    #[serde(with = "crate::core::types::timestamp::option")]
     pub idle_since: Option<DateTime<Utc>>,
 }
 
 /// A room as persisted.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RoomRecord {
+    /// The room's number in creation order, unique server-wide: the store's key for it, so
+    /// new rooms are appended rather than scattered through the store's index.
+    pub seq: u64,
     /// `status` is as of the write; it is recomputed from the process on load.
     pub room: Room,
     pub region: String,
@@ -85,10 +93,13 @@ impl Commit {
     pub async fn wait(self) -> Result<(), StoreError> {
         match self {
             Commit::Done(r) => r,
-            Commit::Pending(rx) => rx
-                .await
-                .unwrap_or_else(|_| Err(StoreError("the store stopped before the flush".into()))),
+            Commit::Pending(rx) => rx.await.unwrap_or_else(|_| Err(Commit::stopped())),
         }
+    }
+
+    /// The error of a commit whose store went away before deciding it.
+    pub(crate) fn stopped() -> StoreError {
+        StoreError("the store stopped before the flush".into())
     }
 }
 
@@ -104,6 +115,13 @@ pub trait Store: Send + Sync + 'static {
     /// Queues `change` for persistence. Called with the changed shard's lock held: it must not
     /// block on I/O; it returns a [`Commit`] to wait on after the lock is released.
     fn append(&self, change: Change) -> Commit;
+
+    /// A commit that resolves once every change appended before it is durable, for a call
+    /// that changed nothing but answers from what it saw (a safe retry, "destroyed already"):
+    /// what it saw may still be on its way to the disk.
+    fn barrier(&self) -> Commit {
+        Commit::Done(Ok(()))
+    }
 
     /// Hands every persisted record to `visit`: deployments first (in id order), then region
     /// policies, processes, rooms and usage counters. Blocks; called at start and after a
