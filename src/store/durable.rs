@@ -96,15 +96,15 @@ impl DurableStore {
             ))
         })?;
         let path = dir.join(FILE_NAME);
-        let db = open_db(&path)?;
+        let opened = open_db(&path)?;
         let (commands, rx) = mpsc::channel();
         let writer = Writer {
             path: path.clone(),
-            db: Some(db),
+            db: Some(opened.db),
             failed: None,
             commits: 0,
-            next_batch: 0,
-            journaled: 0,
+            next_batch: opened.next_batch,
+            unfolded: opened.unfolded,
         };
         std::thread::Builder::new()
             .name("roomsched-store".into())
@@ -240,7 +240,7 @@ fn check_version(version: Option<u64>, path: &Path) -> Result<(), StoreError> {
 /// opened read-only, so a store this build must refuse is never written to (opening a redb
 /// file for writing rewrites its header); one that needs crash recovery is repaired by the
 /// writable open.
-fn open_db(path: &Path) -> Result<Database, StoreError> {
+fn open_db(path: &Path) -> Result<Opened, StoreError> {
     guarded(path, || {
         if path.exists() {
             match ReadOnlyDatabase::open(path) {
@@ -262,13 +262,40 @@ fn open_db(path: &Path) -> Result<Database, StoreError> {
         let version = format_version(&db, path)?;
         check_version(version, path)?;
         let db = init(db, version, path)?;
-        // Batches journaled before a crash (or a failure) go into the tables now.
-        let folded = checkpoint(&db, path)?;
-        if folded > 0 {
-            tracing::info!(batches = folded, "store journal folded into the tables");
-        }
-        Ok(db)
+        // Batches journaled before a crash (or a failure) are folded at the next checkpoint,
+        // not now: opening must not need to write (the disk may be full).
+        let (unfolded, next_batch) = read_journal(&db, path)?;
+        Ok(Opened {
+            db,
+            unfolded,
+            next_batch,
+        })
     })
+}
+
+/// An open store file and what its journal holds.
+struct Opened {
+    db: Database,
+    /// The journal's records, oldest first.
+    unfolded: Vec<Record>,
+    /// Above every key in the journal.
+    next_batch: u64,
+}
+
+/// Reads the journal: the records not folded into the tables yet, oldest first, and the key
+/// for the next batch.
+fn read_journal(db: &Database, path: &Path) -> Result<(Vec<Record>, u64), StoreError> {
+    let fail = |e: &dyn std::fmt::Display| store_error(path, "cannot read the journal of", e);
+    let read = db.begin_read().map_err(|e| fail(&e))?;
+    let journal = read.open_table(JOURNAL).map_err(|e| fail(&e))?;
+    let mut records = Vec::new();
+    let mut next_batch = 0;
+    for item in journal.iter().map_err(|e| fail(&e))? {
+        let (key, value) = item.map_err(|e| fail(&e))?;
+        next_batch = key.value() + 1;
+        records.extend(decode::<Vec<Record>>(value.value(), path)?);
+    }
+    Ok((records, next_batch))
 }
 
 /// Writes the format version and creates every table in a new store.
@@ -305,10 +332,12 @@ struct Writer {
     /// Set when a commit failed: everything is refused until `Reopen`.
     failed: Option<StoreError>,
     commits: u64,
-    /// The journal key of the next batch (the journal is empty whenever the file is opened).
+    /// The journal key of the next batch.
     next_batch: u64,
-    /// Records in the journal since the last checkpoint.
-    journaled: usize,
+    /// What the journal holds (records not folded into the tables yet), oldest first: the
+    /// checkpoint folds them from here and loading merges them over the tables, rather than
+    /// reading the journal back.
+    unfolded: Vec<Record>,
 }
 
 impl Writer {
@@ -361,8 +390,10 @@ impl Writer {
             Command::Reopen(done) => {
                 self.db = None; // close first: redb holds a lock on the file
                 let result = open_db(&self.path);
-                let _ = done.send(result.map(|db| {
-                    self.db = Some(db);
+                let _ = done.send(result.map(|opened| {
+                    self.db = Some(opened.db);
+                    self.unfolded = opened.unfolded;
+                    self.next_batch = opened.next_batch;
                     self.failed = None;
                 }));
             }
@@ -390,9 +421,8 @@ impl Writer {
                         .map_err(|e| store_error(&self.path, "cannot write to", e))
                 });
                 match written {
-                    Ok(records) => {
+                    Ok(()) => {
                         self.next_batch += 1;
-                        self.journaled += records;
                         Ok(())
                     }
                     Err(e) => {
@@ -407,12 +437,15 @@ impl Writer {
             took_us = started.elapsed().as_micros() as u64,
             "store flush"
         );
-        for (_, done) in batch.drain(..) {
+        for (change, done) in batch.drain(..) {
             let _ = done.send(result.clone());
+            if result.is_ok() {
+                self.unfolded.extend(change);
+            }
         }
         if result.is_ok() {
             self.commits += 1;
-            if self.journaled >= CHECKPOINT_RECORDS {
+            if self.unfolded.len() >= CHECKPOINT_RECORDS {
                 self.checkpoint();
             }
             if self.commits % COMPACT_CHECK_EVERY == 0 {
@@ -425,17 +458,20 @@ impl Writer {
     /// batch have their answer already).
     fn checkpoint(&mut self) {
         let Some(db) = &self.db else { return };
+        if self.unfolded.is_empty() {
+            return;
+        }
         let started = Instant::now();
-        match guarded(&self.path, || checkpoint(db, &self.path)) {
-            Ok(batches) => {
-                tracing::debug!(
-                    batches,
-                    records = self.journaled,
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "store checkpoint"
-                );
-                self.journaled = 0;
-            }
+        let records = std::mem::take(&mut self.unfolded);
+        let folded = guarded(&self.path, || {
+            fold(db, &records).map_err(|e| store_error(&self.path, "cannot checkpoint", e))
+        });
+        match folded {
+            Ok(()) => tracing::debug!(
+                records = records.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "store checkpoint"
+            ),
             Err(e) => self.fail(&e),
         }
     }
@@ -485,7 +521,6 @@ impl Writer {
         if let Some(e) = &self.failed {
             return Err(e.clone());
         }
-        self.checkpoint();
         let db = match (&self.failed, &self.db) {
             (Some(e), _) => return Err(e.clone()),
             (None, None) => return Err(StoreError("the store is closed".into())),
@@ -493,14 +528,12 @@ impl Writer {
         };
         let err = |e: &dyn std::fmt::Display| store_error(&self.path, "cannot read", e);
         let read = db.begin_read().map_err(|e| err(&e))?;
-        let mut chunk = Vec::with_capacity(LOAD_CHUNK);
-        let emit = |record: Record, chunk: &mut Vec<Record>| -> Result<(), StoreError> {
-            chunk.push(record);
-            if chunk.len() == LOAD_CHUNK {
-                out.send(Loaded::Chunk(std::mem::take(chunk)))
-                    .map_err(|_| StoreError("the loader went away".into()))?;
-            }
-            Ok(())
+        let mut journal = latest_per_key(self.unfolded.iter());
+        journal.sort_by(|a, b| Key::of(a).cmp(&Key::of(b)));
+        let mut merged = Merged {
+            journal: journal.into_iter().peekable(),
+            chunk: Vec::with_capacity(LOAD_CHUNK),
+            out,
         };
         macro_rules! each {
             ($table:expr, |$k:ident, $v:ident| $body:expr) => {{
@@ -508,8 +541,7 @@ impl Writer {
                 for item in table.iter().map_err(|e| err(&e))? {
                     let (key, value) = item.map_err(|e| err(&e))?;
                     let ($k, $v) = (key.value(), value.value());
-                    let record = $body;
-                    emit(record, &mut chunk)?;
+                    merged.table_record($body)?;
                 }
             }};
         }
@@ -533,11 +565,60 @@ impl Writer {
             second: k.2,
             count: v,
         });
-        if !chunk.is_empty() {
-            out.send(Loaded::Chunk(chunk))
-                .map_err(|_| StoreError("the loader went away".into()))?;
+        merged.finish()
+    }
+}
+
+/// Streams records to the loader in chunks: the tables' records (in key order, table after
+/// table) with the journal's latest versions (also in key order) merged over them.
+struct Merged<'a> {
+    journal: std::iter::Peekable<std::vec::IntoIter<&'a Record>>,
+    chunk: Vec<Record>,
+    out: &'a mpsc::SyncSender<Loaded>,
+}
+
+impl Merged<'_> {
+    fn table_record(&mut self, record: Record) -> Result<(), StoreError> {
+        while let Some(newer) = self.journal.next_if(|j| Key::of(j) < Key::of(&record)) {
+            self.journal_record(newer)?;
+        }
+        match self.journal.next_if(|j| Key::of(j) == Key::of(&record)) {
+            Some(newer) => self.journal_record(newer),
+            None => self.emit(record),
+        }
+    }
+
+    fn journal_record(&mut self, record: &Record) -> Result<(), StoreError> {
+        match record {
+            Record::RoomForgotten { .. } => Ok(()),
+            record => self.emit(record.clone()),
+        }
+    }
+
+    fn emit(&mut self, record: Record) -> Result<(), StoreError> {
+        self.chunk.push(record);
+        if self.chunk.len() == LOAD_CHUNK {
+            self.send()?;
         }
         Ok(())
+    }
+
+    fn send(&mut self) -> Result<(), StoreError> {
+        self.out
+            .send(Loaded::Chunk(std::mem::take(&mut self.chunk)))
+            .map_err(|_| StoreError("the loader went away".into()))
+    }
+
+    /// The journal's records past the tables' last key, and the last chunk.
+    fn finish(mut self) -> Result<(), StoreError> {
+        while let Some(newer) = self.journal.next() {
+            self.journal_record(newer)?;
+        }
+        if self.chunk.is_empty() {
+            Ok(())
+        } else {
+            self.send()
+        }
     }
 }
 
@@ -566,47 +647,31 @@ fn journal_batch<'a>(
     db: &Database,
     seq: u64,
     changes: impl Iterator<Item = &'a Change>,
-) -> Result<usize, redb::Error> {
+) -> Result<(), redb::Error> {
     let records = latest_per_key(changes.flatten());
     if records.is_empty() {
-        return Ok(0); // only barriers: the batches before this one are committed already
+        return Ok(()); // only barriers: the batches before this one are committed already
     }
     let mut buf = Vec::with_capacity(256 * records.len());
     let txn = db.begin_write()?;
     txn.open_table(JOURNAL)?
         .insert(seq, encode(&records, &mut buf))?;
     txn.commit()?;
-    Ok(records.len())
+    Ok(())
 }
 
-/// Folds the journal into the tables in one transaction: the last version of each key,
-/// applied in key order (so each B-tree page is rewritten once), then the journal emptied.
-/// Returns the journal entries folded.
-fn checkpoint(db: &Database, path: &Path) -> Result<usize, StoreError> {
-    let fail = |e: &dyn std::fmt::Display| store_error(path, "cannot checkpoint", e);
-    let txn = db.begin_write().map_err(|e| fail(&e))?;
-    let folded = {
-        let mut journal = txn.open_table(JOURNAL).map_err(|e| fail(&e))?;
-        let mut entries: Vec<u64> = Vec::new();
-        let mut records: Vec<Record> = Vec::new();
-        for item in journal.iter().map_err(|e| fail(&e))? {
-            let (seq, value) = item.map_err(|e| fail(&e))?;
-            entries.push(seq.value());
-            records.extend(decode::<Vec<Record>>(value.value(), path)?);
-        }
-        if entries.is_empty() {
-            return Ok(0);
-        }
-        let mut latest = latest_per_key(records.iter());
-        latest.sort_by(|a, b| Key::of(a).cmp(&Key::of(b)));
-        apply(&txn, &latest).map_err(|e| fail(&e))?;
-        for seq in &entries {
-            journal.remove(seq).map_err(|e| fail(&e))?;
-        }
-        entries.len()
-    };
-    txn.commit().map_err(|e| fail(&e))?;
-    Ok(folded)
+/// Folds `records` (everything journaled, oldest first) into the tables and empties the
+/// journal, in one transaction: the last version of each key, applied in key order (so each
+/// B-tree page is rewritten once).
+fn fold(db: &Database, records: &[Record]) -> Result<(), redb::Error> {
+    let mut latest = latest_per_key(records.iter());
+    latest.sort_by(|a, b| Key::of(a).cmp(&Key::of(b)));
+    let txn = db.begin_write()?;
+    apply(&txn, &latest)?;
+    txn.delete_table(JOURNAL)?;
+    txn.open_table(JOURNAL)?;
+    txn.commit()?;
+    Ok(())
 }
 
 /// Writes records into their tables.
@@ -686,4 +751,119 @@ fn encode<'b, T: serde::Serialize>(value: &T, buf: &'b mut Vec<u8>) -> &'b [u8] 
     // Serializing our own plain data types into a Vec cannot fail.
     postcard::to_io(value, &mut *buf).expect("records serialize");
     buf
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::types::{Room, RoomStatus};
+
+    fn room(seq: u64, config: &str) -> Record {
+        Record::Room(RoomRecord {
+            seq,
+            room: Room {
+                app_id: "app".into(),
+                room_id: format!("room-{seq}"),
+                room_config: config.into(),
+                status: RoomStatus::Destroyed,
+                current_allocation: None,
+                allocations: Vec::new(),
+            },
+            region: "Frankfurt".into(),
+            attempts: 1,
+            pinned: false,
+        })
+    }
+
+    fn forgotten(seq: u64) -> Record {
+        Record::RoomForgotten {
+            app_id: "app".into(),
+            room_id: format!("room-{seq}"),
+            seq,
+        }
+    }
+
+    fn open(dir: &Path) -> DurableStore {
+        // A dropped store closes on its writer thread: wait for the file lock.
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match DurableStore::open(dir) {
+                Ok(store) => return store,
+                Err(e) if Instant::now() < deadline && e.0.contains("in use") => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+
+    /// (seq, config) of every room, in load order.
+    fn rooms(store: &DurableStore) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        store
+            .load(&mut |r| {
+                if let Record::Room(r) = r {
+                    out.push((r.seq, r.room.room_config));
+                }
+            })
+            .expect("load");
+        out
+    }
+
+    /// Loading merges what the journal holds over the tables (updates, removals, new keys,
+    /// in key order), the same before and after a reopen, and a checkpoint changes nothing
+    /// that a load shows.
+    #[tokio::test]
+    async fn loading_merges_the_journal_over_the_tables() {
+        let dir = std::env::temp_dir().join(format!(
+            "roomsched-journal-merge-{}-{}",
+            std::process::id(),
+            uuid::Uuid::new_v4()
+        ));
+        let store = open(&dir);
+        // Enough records to be folded into the tables by the checkpoint after this commit.
+        let first: Vec<Record> = (0..CHECKPOINT_RECORDS as u64 + 10)
+            .map(|seq| room(seq * 2, "v1"))
+            .collect();
+        store.append(first).wait().await.expect("commit");
+        // Then, in the journal only: an update, a removal, keys before, between and after.
+        let second = vec![
+            room(4, "v2"),
+            forgotten(6),
+            room(3, "new"),
+            room(1_000_000, "new"),
+        ];
+        store.append(second).wait().await.expect("commit");
+
+        let mut expected: Vec<(u64, String)> = (0..CHECKPOINT_RECORDS as u64 + 10)
+            .map(|seq| (seq * 2, "v1".to_string()))
+            .filter(|(seq, _)| *seq != 6)
+            .collect();
+        expected.push((3, "new".into()));
+        expected.push((1_000_000, "new".into()));
+        expected
+            .iter_mut()
+            .find(|(seq, _)| *seq == 4)
+            .expect("room 4")
+            .1 = "v2".into();
+        expected.sort();
+
+        assert_eq!(rooms(&store), expected, "journal merged over the tables");
+        drop(store);
+        let store = open(&dir);
+        assert_eq!(rooms(&store), expected, "after a reopen");
+        // Fold the journal, then read the tables alone.
+        let filler: Vec<Record> = (0..CHECKPOINT_RECORDS as u64)
+            .map(|i| Record::RoomsCreated {
+                app_id: "app".into(),
+                region: "Frankfurt".into(),
+                second: i as i64,
+                count: 1,
+            })
+            .collect();
+        store.append(filler).wait().await.expect("commit");
+        assert_eq!(rooms(&store), expected, "after a checkpoint");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
