@@ -51,10 +51,6 @@ const LOAD_CHUNK: usize = 4096;
 /// The journal is folded into the tables once it holds this many records.
 const CHECKPOINT_RECORDS: usize = 4096;
 
-/// Under load (changes arrived during the last flush) the writer waits this long before
-/// taking the next batch.
-const LINGER: std::time::Duration = std::time::Duration::from_micros(200);
-
 /// Compaction is considered every this many commits, and done only when the file is larger
 /// than `COMPACT_RATIO` times what it stores and larger than `COMPACT_MIN_BYTES`.
 const COMPACT_CHECK_EVERY: u64 = 4096;
@@ -344,18 +340,7 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         let mut batch: Vec<(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>)> =
             Vec::new();
-        // A command that arrived while the last batch was being flushed.
-        let mut waiting: Option<Command> = None;
-        loop {
-            // Busy (work piled up during the last flush): let more changes pile up, so that
-            // each fsync serves more of them. Asleep, the writer costs the senders no wake-ups.
-            // Idle: flush at once.
-            if waiting.is_some() {
-                std::thread::sleep(LINGER);
-            }
-            let Some(first) = waiting.take().or_else(|| rx.recv().ok()) else {
-                return;
-            };
+        while let Ok(first) = rx.recv() {
             let mut next = Some(first);
             while let Some(command) = next.take() {
                 match command {
@@ -368,7 +353,6 @@ impl Writer {
                 next = rx.try_recv().ok();
             }
             self.flush(&mut batch);
-            waiting = rx.try_recv().ok();
         }
     }
 
