@@ -173,7 +173,8 @@ pub struct ServeArgs {
     /// Warm pool: free slots kept per app and region (until a region policy says otherwise).
     #[arg(long, env = "ROOMSCHED_BUFFER_ROOMS", default_value_t = 0)]
     pub buffer_rooms: u32,
-    /// How many destroyed rooms stay readable, server-wide.
+    /// How many destroyed rooms stay readable, server-wide (the oldest beyond it are forgotten
+    /// in batches of a 64th of it).
     #[arg(long, env = "ROOMSCHED_RETAINED_ROOMS", default_value_t = 100_000)]
     pub retained_rooms: usize,
     /// Largest gRPC message, in bytes.

@@ -360,7 +360,8 @@ impl SchedulerBuilder {
         self
     }
 
-    /// How many destroyed rooms stay readable, server-wide (default 100,000).
+    /// How many destroyed rooms stay readable, server-wide (default 100,000). The oldest
+    /// beyond it are forgotten in batches of a 64th of it, so up to that many more may be.
     pub fn retained_destroyed_rooms(mut self, n: usize) -> Self {
         self.retained_destroyed_rooms = n;
         self
@@ -1030,10 +1031,13 @@ impl Scheduler {
         });
     }
 
-    /// Destroyed rooms enter the retention window; the oldest beyond it are forgotten (in the
-    /// background: the caller's change is durable already and does not wait for this one).
+    /// Destroyed rooms enter the retention window; the oldest beyond it are forgotten, in
+    /// batches of a 64th of the window (one shard lock and one store change per shard and
+    /// batch rather than per room), in the background: the caller's change is durable already
+    /// and does not wait for this one.
     fn retain(&self, app: &Arc<App>, region: usize, destroyed: Vec<String>) {
         let state = self.inner.state.load_full();
+        let limit = self.inner.retained_destroyed_rooms;
         let evicted: Vec<(Arc<App>, usize, String)> = {
             let mut queue = state.retention.lock().unwrap_or_else(|e| e.into_inner());
             queue.extend(
@@ -1041,30 +1045,47 @@ impl Scheduler {
                     .into_iter()
                     .map(|id| (Arc::clone(app), region, id)),
             );
-            let excess = queue
-                .len()
-                .saturating_sub(self.inner.retained_destroyed_rooms);
+            if queue.len() < limit + (limit / 64).max(1) {
+                return;
+            }
+            let excess = queue.len() - limit;
             queue.drain(..excess).collect()
         };
+        // Oldest first within each shard.
+        let mut shards: Vec<(Arc<App>, usize, Vec<String>)> = Vec::new();
         for (app, region, room_id) in evicted {
+            match shards
+                .iter_mut()
+                .find(|(a, r, _)| Arc::ptr_eq(a, &app) && *r == region)
+            {
+                Some((_, _, ids)) => ids.push(room_id),
+                None => shards.push((app, region, vec![room_id])),
+            }
+        }
+        for (app, region, room_ids) in shards {
             let commit = {
                 let mut state = app.shard(region).lock();
                 if app.check_not_retired().is_err() {
                     continue;
                 }
-                let Some(seq) = state.forget_room(&room_id) else {
-                    continue;
-                };
-                app.rooms.remove(&room_id);
                 let mut txn = Txn::new(self.inner.store.wants_records());
-                if let Some(records) = txn.records.as_mut() {
-                    records.push(Record::RoomForgotten {
-                        app_id: app.app_id.clone(),
-                        room_id,
-                        seq,
-                    });
+                for room_id in room_ids {
+                    let Some(seq) = state.forget_room(&room_id) else {
+                        continue;
+                    };
+                    app.rooms.remove(&room_id);
+                    if let Some(records) = txn.records.as_mut() {
+                        records.push(Record::RoomForgotten {
+                            app_id: app.app_id.clone(),
+                            room_id,
+                            seq,
+                        });
+                    }
                 }
-                self.append(&mut txn)
+                match txn.records.as_ref() {
+                    Some(records) if !records.is_empty() => self.append(&mut txn),
+                    _ => None,
+                }
             };
             match commit {
                 Some(Commit::Done(Ok(()))) | None => {}
@@ -1072,7 +1093,7 @@ impl Scheduler {
                     let this = self.clone();
                     tokio::spawn(async move {
                         if let Err(err) = this.committed(&app, commit).await {
-                            tracing::warn!(%err, "could not persist the eviction of a destroyed room");
+                            tracing::warn!(%err, "could not persist the eviction of destroyed rooms");
                         }
                     });
                 }
