@@ -793,7 +793,10 @@ async fn a_game_server_that_died_while_roomsched_was_down_is_failed() {
     let api = fx.start().await;
     let failed = api.wait_status(&pid, pb::ProcessStatus::Failed).await;
     assert!(failed.terminated_at.is_some(), "{failed:?}");
-    assert!(!failed.summary_exit_reason.is_empty(), "{failed:?}");
+    assert_eq!(
+        failed.summary_exit_reason, "exited while roomsched was down (status unknown)",
+        "{failed:?}"
+    );
     assert_eq!(failed.rooms_allocated, 0, "{failed:?}");
     assert!(api.active_room_ids(&pid).await.is_empty());
     for id in ["lost-1", "lost-2"] {
@@ -814,6 +817,36 @@ async fn a_game_server_that_died_while_roomsched_was_down_is_failed() {
         .await;
     let new_os_pid = os_pid_of(&next.process_id).await;
     assert_serving(&api, &next.process_id, new_os_pid, &["fresh-1"]).await;
+    fx.serve().assert_no_problems("the restarted");
+}
+
+/// An adopted game server that dies while roomsched runs is FAILED with its rooms destroyed;
+/// its exit status cannot be read (it is not roomsched's child), and the reason says so rather
+/// than blaming a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_game_server_that_dies_later_is_failed() {
+    let mut fx = Fixture::new("dies-later").await;
+    let api = fx.start().await;
+    api.create_deployment(fx.sample_deployment(4)).await;
+    let pid = api.create_room("later-1").await.process_id;
+    api.wait_status(&pid, pb::ProcessStatus::Running).await;
+    let os_pid = os_pid_of(&pid).await;
+
+    fx.kill9();
+    let api = fx.start().await;
+    fx.serve()
+        .wait_log(&["game server adopted again", &pid])
+        .await;
+    assert_serving(&api, &pid, os_pid, &["later-1"]).await;
+    kill_group(os_pid).await;
+    let failed = api.wait_status(&pid, pb::ProcessStatus::Failed).await;
+    assert_eq!(
+        failed.summary_exit_reason, "exited (status unknown: adopted after a restart)",
+        "{failed:?}"
+    );
+    assert_eq!(failed.rooms_allocated, 0, "{failed:?}");
+    let room = api.get_room("later-1").await;
+    assert_eq!(room.status(), pb::RoomStatus::Destroyed, "{room:?}");
     fx.serve().assert_no_problems("the restarted");
 }
 

@@ -379,7 +379,7 @@ impl Backend for Local {
             Some(orphan) => self.watch_orphan(spec, orphan),
             None => {
                 tracing::info!(process_id = %pid, "game server from before the restart is gone");
-                spec.events.exited(pid, ExitStatus::Unknown);
+                spec.events.exited(pid, ExitStatus::GoneWhileDown);
             }
         }
     }

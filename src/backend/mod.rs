@@ -47,7 +47,9 @@ pub struct AdoptSpec {
 pub enum ExitStatus {
     Code(i32),
     Signal(i32),
-    /// It ended while roomsched was not watching it (e.g. during a restart).
+    /// It ended while roomsched was down (found gone when adopting it after a restart).
+    GoneWhileDown,
+    /// An adopted process (not a child of this roomsched) ended: its status cannot be read.
     Unknown,
 }
 
@@ -62,7 +64,10 @@ impl std::fmt::Display for ExitStatus {
         match self {
             ExitStatus::Code(c) => write!(f, "exited with code {c}"),
             ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
-            ExitStatus::Unknown => write!(f, "exited while roomsched was down (status unknown)"),
+            ExitStatus::GoneWhileDown => {
+                write!(f, "exited while roomsched was down (status unknown)")
+            }
+            ExitStatus::Unknown => write!(f, "exited (status unknown: adopted after a restart)"),
         }
     }
 }
@@ -143,11 +148,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Takes back a process started before the scheduler restarted: if it is still alive, the
     /// backend watches it again (bind, exit) and can stop it; if it is gone, it reports an
-    /// exit ([`ExitStatus::Unknown`] when the status cannot be known). The default, for
-    /// backends whose processes cannot outlive the scheduler, reports every process gone.
+    /// exit ([`ExitStatus::GoneWhileDown`]). The default, for backends whose processes
+    /// cannot outlive the scheduler, reports every process gone.
     fn adopt(&self, spec: AdoptSpec) {
         spec.events
-            .exited(spec.process.process_id, ExitStatus::Unknown);
+            .exited(spec.process.process_id, ExitStatus::GoneWhileDown);
     }
 
     /// Whether processes are started from the deployment's `command` (deployments without
