@@ -317,6 +317,14 @@ impl Store for FaultyStore {
         self.inner.append(change)
     }
 
+    fn all_committed(&self) -> bool {
+        !*self.faults.broken.lock().unwrap() && self.inner.all_committed()
+    }
+
+    fn barrier(&self) -> Commit {
+        self.append(Vec::new())
+    }
+
     fn load(&self, visit: &mut dyn FnMut(Record)) -> Result<(), StoreError> {
         self.inner.load(visit)
     }
@@ -695,6 +703,102 @@ impl World {
             "{what}: the backend was told to start or stop processes for a refused change"
         );
     }
+}
+
+/// Reads never show a change before it is durable: readers polling rooms whose CreateRoom is
+/// in flight, while the store refuses some of those writes, never see a room whose create
+/// then fails (nor one not yet acknowledged that later is).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_never_show_a_change_the_store_has_not_committed() -> TestResult {
+    record_panics();
+    let dir = TempDir::new("dirty-reads");
+    let backend = TestBackend::new();
+    let (s, faults) = faulty_scheduler(&dir, &backend);
+    s.create_deployment(APP, spec(1000)).await?;
+    let in_flight: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (s, in_flight, seen, stop) = (
+            s.clone(),
+            Arc::clone(&in_flight),
+            Arc::clone(&seen),
+            Arc::clone(&stop),
+        );
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let ids: Vec<String> = in_flight.lock().unwrap().clone();
+                for id in ids {
+                    if s.get_room(APP, &id).await.is_ok() {
+                        seen.lock().unwrap().insert(id);
+                    }
+                }
+                tokio::task::yield_now().await;
+            }
+        }));
+    }
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (s, in_flight) = (s.clone(), Arc::clone(&in_flight));
+        writers.push(tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for i in 0..150 {
+                let id = format!("w{w}-{i}");
+                in_flight.lock().unwrap().push(id.clone());
+                let created = s.create_room(room("Frankfurt", &id)).await;
+                in_flight.lock().unwrap().retain(|x| *x != id);
+                outcomes.push((id, created.is_ok()));
+            }
+            outcomes
+        }));
+    }
+    let flipper = {
+        let (faults, stop) = (Arc::clone(&faults), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut on = false;
+            while !stop.load(Ordering::SeqCst) {
+                on = !on;
+                faults.fail_writes(on);
+                tokio::time::sleep(Duration::from_millis(if on { 3 } else { 20 })).await;
+            }
+            faults.fail_writes(false);
+        })
+    };
+    let mut acknowledged = HashSet::new();
+    let mut refused = 0;
+    for w in writers {
+        for (id, ok) in w.await? {
+            if ok {
+                acknowledged.insert(id);
+            } else {
+                refused += 1;
+            }
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    flipper.await?;
+    for r in readers {
+        r.await?;
+    }
+    let seen = seen.lock().unwrap().clone();
+    let phantom: Vec<&String> = seen.difference(&acknowledged).collect();
+    assert!(
+        phantom.is_empty(),
+        "readers saw rooms whose CreateRoom failed: {phantom:?} ({} seen while in flight, {} \
+         acknowledged, {refused} refused)",
+        seen.len(),
+        acknowledged.len()
+    );
+    assert!(
+        refused > 0,
+        "the store refused no write: the test proved nothing"
+    );
+    assert!(
+        !seen.is_empty(),
+        "no reader saw a room in flight: the test proved nothing"
+    );
+    Ok(())
 }
 
 /// Each kind of write, refused by the store, answers UNAVAILABLE and changes nothing anyone

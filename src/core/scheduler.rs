@@ -703,6 +703,26 @@ impl Scheduler {
         )))
     }
 
+    /// Runs a read (once memory is readable) and answers only when everything it may have
+    /// seen is durable: a change still on its way to the disk is shown to nobody before its
+    /// caller is told it succeeded, and one the store refused to nobody at all (the read is
+    /// made again once memory is rolled back).
+    async fn read_committed<T>(&self, read: impl Fn() -> Result<T>) -> Result<T> {
+        for _ in 0..3 {
+            self.readable().await?;
+            let retired = Arc::clone(&self.state().retired);
+            let out = read()?;
+            let committed =
+                self.inner.store.all_committed() || self.inner.store.barrier().wait().await.is_ok();
+            if committed && !retired.load(Ordering::Acquire) {
+                return Ok(out);
+            }
+        }
+        Err(Error::Unavailable(
+            "the store keeps refusing changes; state cannot be read until it is back".into(),
+        ))
+    }
+
     /// Reads wait while memory is rolled back (it may still show a change the store refused);
     /// UNAVAILABLE if the store stays unreadable.
     async fn readable(&self) -> Result<()> {
@@ -1220,31 +1240,37 @@ impl Scheduler {
     }
 
     pub async fn get_deployment(&self, app_id: &str, deployment_id: u32) -> Result<Deployment> {
-        self.readable().await?;
-        let app = self.app(app_id).map_err(|e| match e {
-            Error::FailedPrecondition(_) => Error::NotFound(format!(
-                "deployment {deployment_id} of app {app_id} not found"
-            )),
-            e => e,
-        })?;
-        Ok(app.deployment(deployment_id)?.as_ref().clone())
+        self.read_committed(|| {
+            let app = self.app(app_id).map_err(|e| match e {
+                Error::FailedPrecondition(_) => Error::NotFound(format!(
+                    "deployment {deployment_id} of app {app_id} not found"
+                )),
+                e => e,
+            })?;
+            Ok(app.deployment(deployment_id)?.as_ref().clone())
+        })
+        .await
     }
 
     pub async fn latest_deployment(&self, app_id: &str) -> Result<Deployment> {
-        self.readable().await?;
-        let app = self.app(app_id).map_err(not_found_if_no_app)?;
-        Ok(app.latest().map_err(not_found_if_no_app)?.as_ref().clone())
+        self.read_committed(|| {
+            let app = self.app(app_id).map_err(not_found_if_no_app)?;
+            Ok(app.latest().map_err(not_found_if_no_app)?.as_ref().clone())
+        })
+        .await
     }
 
     /// Newest first.
     pub async fn list_deployments(&self, app_id: &str) -> Result<Vec<Deployment>> {
-        self.readable().await?;
-        validate::app_id(app_id)?;
-        let Some(app) = self.existing_app(app_id) else {
-            return Ok(vec![]);
-        };
-        let deps = app.deployments.read().unwrap_or_else(|e| e.into_inner());
-        Ok(deps.iter().rev().map(|d| d.as_ref().clone()).collect())
+        self.read_committed(|| {
+            validate::app_id(app_id)?;
+            let Some(app) = self.existing_app(app_id) else {
+                return Ok(vec![]);
+            };
+            let deps = app.deployments.read().unwrap_or_else(|e| e.into_inner());
+            Ok(deps.iter().rev().map(|d| d.as_ref().clone()).collect())
+        })
+        .await
     }
 
     // ----- rooms -----------------------------------------------------------------------
@@ -1314,10 +1340,12 @@ impl Scheduler {
 
     /// A room, live or destroyed (destroyed rooms are kept for a bounded retention).
     pub async fn get_room(&self, app_id: &str, room_id: &str) -> Result<Room> {
-        self.readable().await?;
-        let (app, region) = self.locate_room(app_id, room_id)?;
-        self.read(&app, region, |s| s.room(&app.app_id, room_id))
-            .ok_or_else(|| room_not_found(room_id))
+        self.read_committed(|| {
+            let (app, region) = self.locate_room(app_id, room_id)?;
+            self.read(&app, region, |s| s.room(&app.app_id, room_id))
+                .ok_or_else(|| room_not_found(room_id))
+        })
+        .await
     }
 
     /// Destroys a live room and frees its slot; NOT_FOUND if unknown or already destroyed.
@@ -1347,9 +1375,11 @@ impl Scheduler {
 
     /// Where players of a live room connect; STARTING until its process is RUNNING.
     pub async fn connection_info(&self, app_id: &str, room_id: &str) -> Result<ConnectionInfo> {
-        self.readable().await?;
-        let (app, region) = self.locate_room(app_id, room_id)?;
-        self.read(&app, region, |s| s.connection_info(room_id))
+        self.read_committed(|| {
+            let (app, region) = self.locate_room(app_id, room_id)?;
+            self.read(&app, region, |s| s.connection_info(room_id))
+        })
+        .await
     }
 
     /// Follows a room's connection info: the current value, then every change, ending when
@@ -1381,10 +1411,12 @@ impl Scheduler {
         app_id: &str,
         process_id: ProcessId,
     ) -> Result<Vec<Room>> {
-        self.readable().await?;
-        let (app, region) = self.locate_process(app_id, process_id)?;
-        self.read(&app, region, |s| s.active_rooms(&app.app_id, process_id))
-            .ok_or_else(|| process_not_found(process_id))
+        self.read_committed(|| {
+            let (app, region) = self.locate_process(app_id, process_id)?;
+            self.read(&app, region, |s| s.active_rooms(&app.app_id, process_id))
+                .ok_or_else(|| process_not_found(process_id))
+        })
+        .await
     }
 
     /// Rooms that were on a process and left (within the retention window), in the order they
@@ -1394,10 +1426,12 @@ impl Scheduler {
         app_id: &str,
         process_id: ProcessId,
     ) -> Result<Vec<Room>> {
-        self.readable().await?;
-        let (app, region) = self.locate_process(app_id, process_id)?;
-        self.read(&app, region, |s| s.inactive_rooms(&app.app_id, process_id))
-            .ok_or_else(|| process_not_found(process_id))
+        self.read_committed(|| {
+            let (app, region) = self.locate_process(app_id, process_id)?;
+            self.read(&app, region, |s| s.inactive_rooms(&app.app_id, process_id))
+                .ok_or_else(|| process_not_found(process_id))
+        })
+        .await
     }
 
     // ----- processes -------------------------------------------------------------------
@@ -1439,10 +1473,12 @@ impl Scheduler {
     }
 
     pub async fn get_process(&self, app_id: &str, process_id: ProcessId) -> Result<Process> {
-        self.readable().await?;
-        let (app, region) = self.locate_process(app_id, process_id)?;
-        self.read(&app, region, |s| s.process(process_id))
-            .ok_or_else(|| process_not_found(process_id))
+        self.read_committed(|| {
+            let (app, region) = self.locate_process(app_id, process_id)?;
+            self.read(&app, region, |s| s.process(process_id))
+                .ok_or_else(|| process_not_found(process_id))
+        })
+        .await
     }
 
     fn filtered_regions(&self, filter: &ProcessFilter) -> Result<Vec<usize>> {
@@ -1467,61 +1503,63 @@ impl Scheduler {
         page_size: usize,
         page_token: Option<&str>,
     ) -> Result<ProcessPage> {
-        self.readable().await?;
-        validate::app_id(&filter.app_id)?;
-        let regions = self.filtered_regions(filter)?;
-        let after = page_token
-            .filter(|t| !t.is_empty())
-            .map(PageToken::parse)
-            .transpose()?;
-        let page_size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n => n.min(MAX_PAGE_SIZE),
-        };
-        let Some(app) = self.existing_app(&filter.app_id) else {
-            return Ok(ProcessPage {
-                processes: vec![],
-                next_page_token: None,
-            });
-        };
-        let mut all: Vec<Process> = Vec::new();
-        for region in regions {
-            if let Some(shard) = app.existing_shard(region) {
-                let state = shard.lock();
-                all.extend(
-                    state.processes().filter(|p| {
+        self.read_committed(|| {
+            validate::app_id(&filter.app_id)?;
+            let regions = self.filtered_regions(filter)?;
+            let after = page_token
+                .filter(|t| !t.is_empty())
+                .map(PageToken::parse)
+                .transpose()?;
+            let page_size = match page_size {
+                0 => DEFAULT_PAGE_SIZE,
+                n => n.min(MAX_PAGE_SIZE),
+            };
+            let Some(app) = self.existing_app(&filter.app_id) else {
+                return Ok(ProcessPage {
+                    processes: vec![],
+                    next_page_token: None,
+                });
+            };
+            let mut all: Vec<Process> = Vec::new();
+            for region in regions {
+                if let Some(shard) = app.existing_shard(region) {
+                    let state = shard.lock();
+                    all.extend(state.processes().filter(|p| {
                         filter.statuses.is_empty() || filter.statuses.contains(&p.status)
-                    }),
-                );
+                    }));
+                }
             }
-        }
-        all.sort_by(|a, b| PageToken::of(a).cmp(&PageToken::of(b)));
-        let start = after.map_or(0, |t| all.partition_point(|p| PageToken::of(p) <= t));
-        let mut processes: Vec<Process> = all.into_iter().skip(start).collect();
-        let next_page_token = (processes.len() > page_size).then(|| {
-            processes.truncate(page_size);
-            PageToken::of(&processes[page_size - 1]).encode()
-        });
-        Ok(ProcessPage {
-            processes,
-            next_page_token,
+            all.sort_by(|a, b| PageToken::of(a).cmp(&PageToken::of(b)));
+            let start = after.map_or(0, |t| all.partition_point(|p| PageToken::of(p) <= t));
+            let mut processes: Vec<Process> = all.into_iter().skip(start).collect();
+            let next_page_token = (processes.len() > page_size).then(|| {
+                processes.truncate(page_size);
+                PageToken::of(&processes[page_size - 1]).encode()
+            });
+            Ok(ProcessPage {
+                processes,
+                next_page_token,
+            })
         })
+        .await
     }
 
     pub async fn count_processes(&self, filter: &ProcessFilter) -> Result<u64> {
-        self.readable().await?;
-        validate::app_id(&filter.app_id)?;
-        let regions = self.filtered_regions(filter)?;
-        let Some(app) = self.existing_app(&filter.app_id) else {
-            return Ok(0);
-        };
-        let mut count = 0;
-        for region in regions {
-            if let Some(shard) = app.existing_shard(region) {
-                count += shard.lock().count_processes(&filter.statuses) as u64;
+        self.read_committed(|| {
+            validate::app_id(&filter.app_id)?;
+            let regions = self.filtered_regions(filter)?;
+            let Some(app) = self.existing_app(&filter.app_id) else {
+                return Ok(0);
+            };
+            let mut count = 0;
+            for region in regions {
+                if let Some(shard) = app.existing_shard(region) {
+                    count += shard.lock().count_processes(&filter.statuses) as u64;
+                }
             }
-        }
-        Ok(count)
+            Ok(count)
+        })
+        .await
     }
 
     /// No new rooms on the process; it stops when its last room ends.
@@ -1582,14 +1620,16 @@ impl Scheduler {
 
     /// The policy of one app in one region (the server's default until set).
     pub async fn get_region_policy(&self, app_id: &str, region: &str) -> Result<RegionPolicy> {
-        self.readable().await?;
-        validate::app_id(app_id)?;
-        let region = validate::region(&self.inner.regions, region)?;
-        let app = self.existing_app(app_id);
-        Ok(match app.as_ref().and_then(|a| a.existing_shard(region)) {
-            Some(shard) => shard.lock().policy,
-            None => self.inner.default_policy,
+        self.read_committed(|| {
+            validate::app_id(app_id)?;
+            let region = validate::region(&self.inner.regions, region)?;
+            let app = self.existing_app(app_id);
+            Ok(match app.as_ref().and_then(|a| a.existing_shard(region)) {
+                Some(shard) => shard.lock().policy,
+                None => self.inner.default_policy,
+            })
         })
+        .await
     }
 
     /// What each region (all when `regions` is empty) cost in `[start, end)`; `end` defaults
@@ -1601,39 +1641,41 @@ impl Scheduler {
         start: Option<DateTime<Utc>>,
         end: Option<DateTime<Utc>>,
     ) -> Result<Vec<RegionUsage>> {
-        self.readable().await?;
-        let filter = ProcessFilter {
-            app_id: app_id.to_string(),
-            statuses: vec![],
-            regions: regions.to_vec(),
-        };
-        validate::app_id(app_id)?;
-        let regions = self.filtered_regions(&filter)?;
-        let now = self.inner.clock.now();
-        let start = start.unwrap_or(DateTime::<Utc>::MIN_UTC);
-        let end = end.unwrap_or(now);
-        if start >= end {
-            return Err(Error::invalid(
-                "start",
-                format!("{start} is not before end ({end})"),
-            ));
-        }
-        let app = self.existing_app(app_id);
-        Ok(regions
-            .into_iter()
-            .map(|region| {
-                let name = &self.inner.regions[region];
-                match app.as_ref().and_then(|a| a.existing_shard(region)) {
-                    Some(shard) => shard.lock().usage(name, start, end, now),
-                    None => RegionUsage {
-                        region: name.clone(),
-                        billed_process_seconds: 0.0,
-                        rooms_created: 0,
-                        peak_processes: 0,
-                    },
-                }
-            })
-            .collect())
+        self.read_committed(|| {
+            let filter = ProcessFilter {
+                app_id: app_id.to_string(),
+                statuses: vec![],
+                regions: regions.to_vec(),
+            };
+            validate::app_id(app_id)?;
+            let regions = self.filtered_regions(&filter)?;
+            let now = self.inner.clock.now();
+            let start = start.unwrap_or(DateTime::<Utc>::MIN_UTC);
+            let end = end.unwrap_or(now);
+            if start >= end {
+                return Err(Error::invalid(
+                    "start",
+                    format!("{start} is not before end ({end})"),
+                ));
+            }
+            let app = self.existing_app(app_id);
+            Ok(regions
+                .into_iter()
+                .map(|region| {
+                    let name = &self.inner.regions[region];
+                    match app.as_ref().and_then(|a| a.existing_shard(region)) {
+                        Some(shard) => shard.lock().usage(name, start, end, now),
+                        None => RegionUsage {
+                            region: name.clone(),
+                            billed_process_seconds: 0.0,
+                            rooms_created: 0,
+                            peak_processes: 0,
+                        },
+                    }
+                })
+                .collect())
+        })
+        .await
     }
 }
 

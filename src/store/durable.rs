@@ -23,7 +23,8 @@ use crate::core::types::{Deployment, RegionPolicy};
 use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Instant;
 
 /// The store's file inside the data directory.
@@ -62,6 +63,11 @@ const COMPACT_MIN_BYTES: u64 = 64 << 20;
 pub struct DurableStore {
     path: PathBuf,
     commands: mpsc::Sender<Command>,
+    /// Changes appended and not answered yet.
+    pending: Arc<AtomicUsize>,
+    /// Set (before the refused changes are answered) when a commit failed; cleared when the
+    /// store is reopened.
+    failed: Arc<AtomicBool>,
 }
 
 enum Command {
@@ -94,7 +100,11 @@ impl DurableStore {
         let path = dir.join(FILE_NAME);
         let opened = open_db(&path)?;
         let (commands, rx) = mpsc::channel();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let failed = Arc::new(AtomicBool::new(false));
         let writer = Writer {
+            pending: Arc::clone(&pending),
+            failed_flag: Arc::clone(&failed),
             path: path.clone(),
             db: Some(opened.db),
             failed: None,
@@ -106,7 +116,12 @@ impl DurableStore {
             .name("roomsched-store".into())
             .spawn(move || writer.run(rx))
             .map_err(|e| StoreError(format!("cannot start the store's writer thread: {e}")))?;
-        Ok(DurableStore { path, commands })
+        Ok(DurableStore {
+            path,
+            commands,
+            pending,
+            failed,
+        })
     }
 
     /// The store's file.
@@ -138,10 +153,16 @@ impl Store for DurableStore {
 
     fn append(&self, change: Change) -> Commit {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        self.pending.fetch_add(1, Ordering::SeqCst);
         if let Err(e) = self.send(Command::Append(change, tx)) {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
             return Commit::Done(Err(e));
         }
         Commit::Pending(rx)
+    }
+
+    fn all_committed(&self) -> bool {
+        self.pending.load(Ordering::SeqCst) == 0 && !self.failed.load(Ordering::SeqCst)
     }
 
     /// An empty change: it is answered with the batch it falls in, after every batch before.
@@ -322,6 +343,10 @@ fn init(db: Database, version: Option<u64>, path: &Path) -> Result<Database, Sto
 }
 
 struct Writer {
+    /// `DurableStore::pending`: lowered once a change is answered.
+    pending: Arc<AtomicUsize>,
+    /// `DurableStore::failed`.
+    failed_flag: Arc<AtomicBool>,
     path: PathBuf,
     /// `None` after a failure closed it, until `Reopen`.
     db: Option<Database>,
@@ -379,6 +404,7 @@ impl Writer {
                     self.unfolded = opened.unfolded;
                     self.next_batch = opened.next_batch;
                     self.failed = None;
+                    self.failed_flag.store(false, Ordering::SeqCst);
                 }));
             }
             Command::Sync(done) => {
@@ -421,12 +447,14 @@ impl Writer {
             took_us = started.elapsed().as_micros() as u64,
             "store flush"
         );
+        let answered = batch.len();
         for (change, done) in batch.drain(..) {
             let _ = done.send(result.clone());
             if result.is_ok() {
                 self.unfolded.extend(change);
             }
         }
+        self.pending.fetch_sub(answered, Ordering::SeqCst);
         if result.is_ok() {
             self.commits += 1;
             if self.unfolded.len() >= CHECKPOINT_RECORDS {
@@ -463,6 +491,7 @@ impl Writer {
     /// Refuses everything until `Reopen`: the file may be poisoned after an I/O error.
     fn fail(&mut self, e: &StoreError) {
         tracing::error!(err = %e, "store failed; refusing changes until memory is rolled back to the last commit");
+        self.failed_flag.store(true, Ordering::SeqCst);
         self.failed = Some(e.clone());
         self.db = None;
     }

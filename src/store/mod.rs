@@ -116,6 +116,12 @@ pub trait Store: Send + Sync + 'static {
     /// block on I/O; it returns a [`Commit`] to wait on after the lock is released.
     fn append(&self, change: Change) -> Commit;
 
+    /// Whether every change appended so far is committed: none is waiting for its flush,
+    /// and none was refused since the store was last (re)opened.
+    fn all_committed(&self) -> bool {
+        true
+    }
+
     /// A commit that resolves once every change appended before it is durable, for a call
     /// that changed nothing but answers from what it saw (a safe retry, "destroyed already"):
     /// what it saw may still be on its way to the disk.
