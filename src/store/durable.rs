@@ -107,6 +107,7 @@ impl DurableStore {
             failed_flag: Arc::clone(&failed),
             path: path.clone(),
             db: Some(opened.db),
+            snapshot: None,
             failed: None,
             commits: 0,
             next_batch: opened.next_batch,
@@ -290,6 +291,21 @@ fn open_db(path: &Path) -> Result<Opened, StoreError> {
     })
 }
 
+/// A private copy of the store's last commit, for reads when the file itself cannot be opened
+/// for writing (and so cannot be recovered in place): copied to the temp directory, opened
+/// (which recovers the copy) and unlinked, so it goes away when it is closed.
+fn open_snapshot(path: &Path) -> Result<Opened, StoreError> {
+    let copy = std::env::temp_dir().join(format!(
+        "roomsched-snapshot-{}-{}.redb",
+        std::process::id(),
+        uuid::Uuid::new_v4()
+    ));
+    std::fs::copy(path, &copy).map_err(|e| store_error(path, "cannot copy", e))?;
+    let opened = open_db(&copy);
+    let _ = std::fs::remove_file(&copy);
+    opened
+}
+
 /// An open store file and what its journal holds.
 struct Opened {
     db: Database,
@@ -352,6 +368,9 @@ struct Writer {
     db: Option<Database>,
     /// Set when a commit failed: everything is refused until `Reopen`.
     failed: Option<StoreError>,
+    /// After a failure, when the file could not be reopened for writing: a private copy of
+    /// its last commit that loads read, while changes stay refused.
+    snapshot: Option<Database>,
     commits: u64,
     /// The journal key of the next batch.
     next_batch: u64,
@@ -397,15 +416,34 @@ impl Writer {
                 }
             }
             Command::Reopen(done) => {
-                self.db = None; // close first: redb holds a lock on the file
-                let result = open_db(&self.path);
-                let _ = done.send(result.map(|opened| {
-                    self.db = Some(opened.db);
-                    self.unfolded = opened.unfolded;
-                    self.next_batch = opened.next_batch;
-                    self.failed = None;
-                    self.failed_flag.store(false, Ordering::SeqCst);
-                }));
+                // Close first: redb holds a lock on the file.
+                self.db = None;
+                self.snapshot = None;
+                let result = match open_db(&self.path) {
+                    Ok(opened) => {
+                        self.db = Some(opened.db);
+                        self.unfolded = opened.unfolded;
+                        self.next_batch = opened.next_batch;
+                        self.failed = None;
+                        self.failed_flag.store(false, Ordering::SeqCst);
+                        Ok(())
+                    }
+                    // The file cannot be opened for writing (say, its filesystem was remounted
+                    // read-only): serve loads from a copy of its last commit; changes stay
+                    // refused, and the next failure tries the file again.
+                    Err(e) => match open_snapshot(&self.path) {
+                        Ok(opened) => {
+                            tracing::warn!(err = %e, "store not writable: serving reads from a copy of its last commit, refusing changes");
+                            self.snapshot = Some(opened.db);
+                            self.unfolded = opened.unfolded;
+                            // Memory is reloaded from the copy: nothing refused is in it.
+                            self.failed_flag.store(false, Ordering::SeqCst);
+                            Ok(())
+                        }
+                        Err(copy) => Err(StoreError(format!("{e} (a read-only copy: {copy})"))),
+                    },
+                };
+                let _ = done.send(result);
             }
             Command::Sync(done) => {
                 let _ = done.send(());
@@ -447,6 +485,10 @@ impl Writer {
             took_us = started.elapsed().as_micros() as u64,
             "store flush"
         );
+        // A refused change is in memory until it is rolled back (a refused barrier is not).
+        if result.is_err() && batch.iter().any(|(change, _)| !change.is_empty()) {
+            self.failed_flag.store(true, Ordering::SeqCst);
+        }
         let answered = batch.len();
         for (change, done) in batch.drain(..) {
             let _ = done.send(result.clone());
@@ -494,6 +536,7 @@ impl Writer {
         self.failed_flag.store(true, Ordering::SeqCst);
         self.failed = Some(e.clone());
         self.db = None;
+        self.snapshot = None;
     }
 
     fn maybe_compact(&mut self) {
@@ -531,13 +574,11 @@ impl Writer {
     /// Streams every record to `out`, parents before children: deployments, policies,
     /// processes, rooms, usage counters.
     fn load(&mut self, out: &mpsc::SyncSender<Loaded>) -> Result<(), StoreError> {
-        if let Some(e) = &self.failed {
-            return Err(e.clone());
-        }
-        let db = match (&self.failed, &self.db) {
-            (Some(e), _) => return Err(e.clone()),
-            (None, None) => return Err(StoreError("the store is closed".into())),
-            (None, Some(db)) => db,
+        let db = match (&self.failed, &self.db, &self.snapshot) {
+            (None, Some(db), _) => db,
+            (_, _, Some(snapshot)) => snapshot,
+            (Some(e), _, None) => return Err(e.clone()),
+            (None, None, None) => return Err(StoreError("the store is closed".into())),
         };
         let err = |e: &dyn std::fmt::Display| store_error(&self.path, "cannot read", e);
         let read = db.begin_read().map_err(|e| err(&e))?;
