@@ -18,6 +18,8 @@
 //! Each failure message carries the seed (`CRASH_SEED=<n>` reruns the same choices; the timing,
 //! and so the outcome of the race, differs).
 
+mod serve;
+
 use pb::deployment_service_client::DeploymentServiceClient;
 use pb::process_service_client::ProcessServiceClient;
 use pb::room_service_client::RoomServiceClient;
@@ -26,7 +28,6 @@ use rand::{Rng, SeedableRng};
 use roomsched::grpc::pb;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -91,7 +92,8 @@ impl Server {
     /// Starts `roomsched serve` on `data_dir` with no `--store` flag: the durable store must be
     /// the default.
     fn spawn(data_dir: &Path) -> Server {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"));
+        command
             .args([
                 "serve",
                 "--listen",
@@ -105,50 +107,13 @@ impl Server {
             .arg(data_dir)
             .env("ROOMSCHED_LOG", "info")
             .env_remove("ROOMSCHED_STORE")
-            .env_remove("ROOMSCHED_BACKEND")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run roomsched serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        {
-            // Keep reading to the end, so that the server never blocks on a full pipe.
-            let (lines, done) = (Arc::clone(&lines), Arc::clone(&done));
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-                done.store(true, Ordering::SeqCst);
-            });
-        }
-        let deadline = Instant::now() + DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("roomsched listening") => {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-                    break addr.to_string();
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    std::thread::sleep(Duration::from_millis(100));
-                    panic!(
-                        "roomsched serve did not say where it listens ({e}); stderr:\n{}",
-                        lines.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
+            .env_remove("ROOMSCHED_BACKEND");
+        let serve::Spawned {
+            child,
+            addr,
+            stderr: lines,
+            stderr_done: done,
+        } = serve::spawn(command, DEADLINE);
         Server {
             child,
             addr,

@@ -14,13 +14,15 @@
 
 #![cfg(target_os = "linux")]
 
+mod serve;
+
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use pb::deployment_service_client::DeploymentServiceClient;
 use pb::process_service_client::ProcessServiceClient;
 use pb::room_service_client::RoomServiceClient;
 use roomsched::grpc::pb;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -172,7 +174,8 @@ struct Serve {
 impl Serve {
     /// `start_timeout` as `--start-timeout` takes it (e.g. `20s`).
     fn spawn(data_dir: &Path, start_timeout: &str) -> Serve {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"));
+        command
             .args(["serve", "--backend", "local", "--store", "durable"])
             .arg("--data-dir")
             .arg(data_dir)
@@ -186,49 +189,13 @@ impl Serve {
                 "--regions",
                 REGION,
             ])
-            .env("ROOMSCHED_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run roomsched serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let done = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        {
-            // Keep reading to the end, so that the server never blocks on a full pipe.
-            let (lines, done) = (Arc::clone(&lines), Arc::clone(&done));
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-                done.store(true, Ordering::SeqCst);
-            });
-        }
-        let deadline = Instant::now() + DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("roomsched listening") => {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-                    break addr.to_string();
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "roomsched serve did not say where it listens ({e}); stderr:\n{}",
-                        lines.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
+            .env("ROOMSCHED_LOG", "info");
+        let serve::Spawned {
+            child,
+            addr,
+            stderr: lines,
+            stderr_done: done,
+        } = serve::spawn(command, DEADLINE);
         Serve {
             child,
             addr,

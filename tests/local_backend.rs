@@ -11,6 +11,8 @@
 
 mod support;
 
+mod serve;
+
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use roomsched::backend::{Local, LocalConfig};
@@ -20,7 +22,7 @@ use roomsched::{
     RoomStatus, Scheduler, TransportType,
 };
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -1207,7 +1209,8 @@ impl Serve {
     }
 
     fn spawn_with_store(data_dir: &Path, tag: &str, store: &str) -> Serve {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"))
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_roomsched"));
+        command
             .args([
                 "serve",
                 "--backend",
@@ -1227,46 +1230,13 @@ impl Serve {
                 "--regions",
                 "Frankfurt",
             ])
-            .env("ROOMSCHED_LOG", "info")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run roomsched serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        {
-            // Keep reading to the end, so that the server never blocks on a full pipe.
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("roomsched listening") => {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-                    break addr.to_string();
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    panic!(
-                        "roomsched serve did not say where it listens ({e}); stderr:\n{}",
-                        lines.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
+            .env("ROOMSCHED_LOG", "info");
+        let serve::Spawned {
+            child,
+            addr,
+            stderr: lines,
+            stderr_done: _,
+        } = serve::spawn(command, DEADLINE);
         Serve {
             child,
             addr,

@@ -19,6 +19,8 @@
 //! Nothing here uses paused time (the durable store's writer is a real thread); every wait
 //! polls against a generous deadline.
 
+mod serve;
+
 use roomsched::backend::{AdoptSpec, Backend, BackendError, ExitStatus, ProcessEvents, StartSpec};
 use roomsched::grpc::pb;
 use roomsched::grpc::pb::deployment_service_client::DeploymentServiceClient;
@@ -31,7 +33,6 @@ use roomsched::{
     TransportType,
 };
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
@@ -1247,7 +1248,8 @@ impl Serve {
     /// `roomsched serve` with the durable store in `dir` and files limited to `limit_kib` KiB
     /// (SIGXFSZ ignored, so writes past the limit fail with EFBIG instead of killing it).
     fn spawn_limited(dir: &Path, limit_kib: u64) -> Serve {
-        let mut child = std::process::Command::new("bash")
+        let mut command = std::process::Command::new("bash");
+        command
             .arg("-c")
             .arg(format!(
                 "trap '' XFSZ; ulimit -f {limit_kib}; exec \"$0\" \"$@\""
@@ -1258,46 +1260,13 @@ impl Serve {
             .arg(dir)
             .args(["--regions", "Frankfurt", "--backend", "simulated"])
             .env("ROOMSCHED_LOG", "info")
-            .env_remove("RUST_BACKTRACE")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run roomsched serve");
-        let stderr = child.stderr.take().expect("stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        {
-            let lines = Arc::clone(&lines);
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-            });
-        }
-        let deadline = Instant::now() + DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) if line.contains("roomsched listening") => {
-                    let addr = line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("addr="))
-                        .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-                    break addr.to_string();
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "roomsched serve did not say where it listens ({e}); stderr:\n{}",
-                        lines.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
+            .env_remove("RUST_BACKTRACE");
+        let serve::Spawned {
+            child,
+            addr,
+            stderr: lines,
+            stderr_done: _,
+        } = serve::spawn(command, DEADLINE);
         Serve {
             child,
             addr,
