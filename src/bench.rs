@@ -7,6 +7,7 @@
 //! previous one is answered. Open loop (`--rate R`): requests are due at a fixed rate and each
 //! latency is measured from the time the request was due, so queueing is not hidden.
 
+use crate::client::Conn;
 use crate::grpc::pb;
 use crate::grpc::pb::app_service_client::AppServiceClient;
 use crate::grpc::pb::deployment_service_client::DeploymentServiceClient;
@@ -16,11 +17,11 @@ use crate::{CreateRoom, DeploymentSpec, RegionPolicy, Scheduler};
 use clap::{Args, ValueEnum};
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
-use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
@@ -91,6 +92,16 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// App the bench works in (default: a new `bench-xxxxxxxx`); with an app token, its app.
+    #[arg(long)]
+    pub app: Option<String>,
+    /// CA certificate (PEM) of a server that serves TLS; the address is then https://.
+    #[arg(long, env = "ROOMSCHED_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token, for a server that requires one (an admin token, or one for the bench's
+    /// app).
+    #[arg(long, env = "ROOMSCHED_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 /// What one run measured.
@@ -152,7 +163,7 @@ impl Report {
 /// One target: a server over gRPC, or a scheduler in this process.
 #[derive(Clone)]
 enum Target {
-    Grpc(Vec<Channel>),
+    Grpc(Vec<Conn>),
     Embedded(Scheduler),
 }
 
@@ -165,11 +176,8 @@ pub enum BenchError {
     Call(#[from] tonic::Status),
     #[error(transparent)]
     Scheduler(#[from] crate::Error),
-    #[error("cannot reach {addr} (is `roomsched serve` running there?): {source}")]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::client::ConnectError),
 }
 
 /// Runs `roomsched bench`; prints the report (or reports) and returns them.
@@ -193,7 +201,7 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
     } else {
         let mut channels = Vec::with_capacity(args.connections);
         for _ in 0..args.connections {
-            channels.push(connect(&args.addr).await?);
+            channels.push(connect(&args, &args.addr).await?);
         }
         Target::Grpc(channels)
     };
@@ -201,13 +209,16 @@ pub async fn run(args: BenchArgs) -> Result<Vec<Report>, BenchError> {
         Some(addr) => {
             let mut channels = Vec::with_capacity(args.connections);
             for _ in 0..args.connections {
-                channels.push(connect(addr).await?);
+                channels.push(connect(&args, addr).await?);
             }
             Some(Target::Grpc(channels))
         }
         None => None,
     };
-    let app = format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let app = args
+        .app
+        .clone()
+        .unwrap_or_else(|| format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
     setup(&target, &app, &args).await?;
     if let Some(second) = &second {
         if let Err(e) = setup(second, &app, &args).await {
@@ -326,19 +337,13 @@ fn print_reports(args: &BenchArgs, reports: &[Report]) {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, BenchError> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+async fn connect(args: &BenchArgs, addr: &str) -> Result<Conn, BenchError> {
+    let target = crate::client::Target {
+        addr: addr.to_string(),
+        ca_file: args.ca_file.clone(),
+        token: args.token.clone(),
     };
-    Channel::from_shared(uri.clone())
-        .map_err(|e| BenchError::Setup(format!("bad --addr {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|source| BenchError::Connect { addr: uri, source })
+    Ok(target.connect().await?)
 }
 
 /// The bench's own app: a deployment, a process limit high enough for `create`, and for

@@ -2,18 +2,22 @@
 //! clients of a running server, printing tables for people or JSON (`--json`) for scripts.
 
 use crate::backend::{Simulated, SimulatedConfig};
+use crate::client::{Conn, Target};
+use crate::config::Settings;
+use crate::grpc::gate::Gate;
 use crate::grpc::pb;
 use crate::grpc::pb::app_service_client::AppServiceClient;
 use crate::grpc::pb::deployment_service_client::DeploymentServiceClient;
 use crate::grpc::pb::process_service_client::ProcessServiceClient;
 use crate::grpc::pb::room_service_client::RoomServiceClient;
+use crate::metrics::Metrics;
 use crate::server::{self, ServerConfig};
 use crate::Scheduler;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 use std::path::PathBuf;
-use std::time::Duration;
-use tonic::transport::Channel;
+use std::sync::Arc;
+use tonic::transport::Identity;
 
 /// `println!` that exits quietly when stdout is closed (e.g. piped into `head`).
 macro_rules! out {
@@ -38,6 +42,9 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC service.
     Serve(ServeArgs),
+    /// Help with the configuration file and tokens.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Create, inspect and destroy rooms.
     #[command(subcommand)]
     Room(RoomCommand),
@@ -69,6 +76,31 @@ pub enum Command {
         #[arg(long)]
         end: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a commented configuration file with every key.
+    Example,
+    /// Print the hash of a bearer token, the form the configuration holds it in.
+    HashToken {
+        /// The token (read from stdin when absent, so it stays out of the shell history).
+        token: Option<String>,
+    },
+}
+
+fn config(cmd: ConfigCommand) {
+    match cmd {
+        ConfigCommand::Example => out!("{}", crate::config::EXAMPLE.trim_end()),
+        ConfigCommand::HashToken { token } => {
+            let token = token.unwrap_or_else(|| {
+                let mut line = String::new();
+                let _ = std::io::stdin().read_line(&mut line);
+                line.trim_end_matches(['\r', '\n']).to_string()
+            });
+            out!("{}", crate::grpc::gate::TokenHash::of(&token));
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,81 +138,8 @@ pub enum PolicyCommand {
     },
 }
 
-pub(crate) fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 2s, 5m)"))
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum StoreKind {
-    Memory,
-    Durable,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum BackendKind {
-    Simulated,
-    Local,
-}
-
-/// `roomsched serve`. Every flag can also be set by the environment variable named in its
-/// help text.
-#[derive(Debug, Args)]
-pub struct ServeArgs {
-    /// Address to listen on, HOST:PORT (port 0 picks a free port; the chosen one is logged).
-    #[arg(long, env = "ROOMSCHED_LISTEN", default_value = "127.0.0.1:50051")]
-    pub listen: String,
-    /// Directory for the durable store and process logs.
-    #[arg(long, env = "ROOMSCHED_DATA_DIR", default_value = "./roomsched-data")]
-    pub data_dir: PathBuf,
-    /// Where state is kept: `durable` (in <data-dir>/roomsched.redb, every change on disk
-    /// before it is acknowledged, game servers outlive a restart) or `memory` (nothing
-    /// survives a restart; game servers are stopped when roomsched exits).
-    #[arg(long, env = "ROOMSCHED_STORE", value_enum, default_value = "durable")]
-    pub store: StoreKind,
-    /// What starts processes: `simulated` (in memory) or `local` (real OS processes from the
-    /// deployment's command, logs under <data-dir>/logs).
-    #[arg(
-        long,
-        env = "ROOMSCHED_BACKEND",
-        value_enum,
-        default_value = "simulated"
-    )]
-    pub backend: BackendKind,
-    /// The host players connect to, reported in exposed ports and HATHORA_HOSTNAME.
-    #[arg(long, env = "ROOMSCHED_PUBLIC_HOST", default_value = "127.0.0.1")]
-    pub public_host: String,
-    /// Comma-separated region names (default: the 14 Hathora regions).
-    #[arg(long, env = "ROOMSCHED_REGIONS", value_delimiter = ',')]
-    pub regions: Option<Vec<String>>,
-    /// How long a simulated process stays STARTING before it binds its port.
-    #[arg(long, env = "ROOMSCHED_SIM_START_DELAY", value_parser = duration, default_value = "0ms")]
-    pub sim_start_delay: Duration,
-    /// A STARTING process that has not bound its port by then is FAILED.
-    #[arg(long, env = "ROOMSCHED_START_TIMEOUT", value_parser = duration, default_value = "100s")]
-    pub start_timeout: Duration,
-    /// A RUNNING process with no room for this long stops (deployments with the idle timeout on).
-    #[arg(long, env = "ROOMSCHED_IDLE_TIMEOUT", value_parser = duration, default_value = "300s")]
-    pub idle_timeout: Duration,
-    /// Time between SIGTERM and SIGKILL when a process is stopped.
-    #[arg(long, env = "ROOMSCHED_STOP_GRACE", value_parser = duration, default_value = "10s")]
-    pub stop_grace: Duration,
-    /// Live processes allowed per app and region (until a region policy says otherwise).
-    #[arg(long, env = "ROOMSCHED_MAX_PROCESSES", default_value_t = 1000)]
-    pub max_processes: u32,
-    /// Warm pool: processes kept alive per app and region (until a region policy says otherwise).
-    #[arg(long, env = "ROOMSCHED_MIN_PROCESSES", default_value_t = 0)]
-    pub min_processes: u32,
-    /// Warm pool: free slots kept per app and region (until a region policy says otherwise).
-    #[arg(long, env = "ROOMSCHED_BUFFER_ROOMS", default_value_t = 0)]
-    pub buffer_rooms: u32,
-    /// How many destroyed rooms stay readable, server-wide (the oldest beyond it are forgotten
-    /// in batches of a 64th of it).
-    #[arg(long, env = "ROOMSCHED_RETAINED_ROOMS", default_value_t = 100_000)]
-    pub retained_rooms: usize,
-    /// Largest gRPC message, in bytes.
-    #[arg(long, env = "ROOMSCHED_MAX_MESSAGE_SIZE", default_value_t = 4 * 1024 * 1024)]
-    pub max_message_size: usize,
-}
+pub(crate) use crate::config::duration;
+pub use crate::config::{BackendKind, ServeArgs, StoreKind};
 
 /// Where the server is and how to print.
 #[derive(Debug, Args)]
@@ -196,6 +155,12 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
+    /// CA certificate (PEM) of a server that serves TLS; the address is then https://.
+    #[arg(long, env = "ROOMSCHED_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token, for a server that requires one.
+    #[arg(long, env = "ROOMSCHED_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -414,11 +379,10 @@ pub enum Strategy {
 pub enum CliError {
     #[error("{0}")]
     Usage(String),
-    #[error("cannot reach roomsched at {addr} (is `roomsched serve` running there?): {source}")]
-    Connect {
-        addr: String,
-        source: tonic::transport::Error,
-    },
+    #[error(transparent)]
+    Connect(#[from] crate::client::ConnectError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("{} ({:?})", .0.message(), .0.code())]
     Call(#[from] tonic::Status),
     #[error(transparent)]
@@ -432,67 +396,128 @@ pub enum CliError {
 }
 
 /// Runs `roomsched serve` until SIGINT or SIGTERM.
-pub async fn serve(args: ServeArgs) -> Result<(), CliError> {
-    let backend: std::sync::Arc<dyn crate::backend::Backend> = match args.backend {
+///
+/// On the signal: health turns NOT_SERVING and changes are refused, calls in flight finish
+/// (for at most the shutdown timeout), the store is flushed, and this returns Ok.
+pub async fn serve(settings: Settings) -> Result<(), CliError> {
+    let backend: std::sync::Arc<dyn crate::backend::Backend> = match settings.backend {
         BackendKind::Simulated => std::sync::Arc::new(Simulated::new(SimulatedConfig {
-            start_delay: args.sim_start_delay,
-            host: args.public_host.clone(),
+            start_delay: settings.sim_start_delay,
+            host: settings.public_host.clone(),
             ..Default::default()
         })),
         BackendKind::Local => {
             std::sync::Arc::new(crate::backend::Local::new(crate::backend::LocalConfig {
-                host: args.public_host.clone(),
-                log_dir: args.data_dir.join("logs"),
+                host: settings.public_host.clone(),
+                log_dir: settings.data_dir.join("logs"),
                 ..Default::default()
             }))
         }
     };
+    let metrics = settings
+        .metrics_listen
+        .as_ref()
+        .map(|_| Arc::new(Metrics::new()));
     let mut builder = Scheduler::builder()
         .backend_arc(backend)
-        .start_timeout(args.start_timeout)
-        .idle_timeout(args.idle_timeout)
-        .stop_grace(args.stop_grace)
-        .default_region_policy(crate::RegionPolicy {
-            min_processes: args.min_processes,
-            buffer_rooms: args.buffer_rooms,
-            max_processes: args.max_processes,
-        })
-        .retained_destroyed_rooms(args.retained_rooms);
-    if let Some(regions) = args.regions {
+        .start_timeout(settings.start_timeout)
+        .idle_timeout(settings.idle_timeout)
+        .stop_grace(settings.stop_grace)
+        .default_region_policy(settings.default_policy)
+        .retained_destroyed_rooms(settings.retained_rooms);
+    if let Some(regions) = settings.regions.clone() {
         builder = builder.regions(regions);
     }
-    if args.store == StoreKind::Durable {
-        let store = crate::store::DurableStore::open(&args.data_dir)
+    if let Some(metrics) = &metrics {
+        builder = builder.observer(Arc::clone(metrics) as Arc<dyn crate::Observer>);
+    }
+    if settings.store == StoreKind::Durable {
+        let store = crate::store::DurableStore::open(&settings.data_dir)
             .map_err(|e| CliError::Usage(e.to_string()))?;
         tracing::info!(path = %store.path().display(), "durable store opened");
+        if let Some(metrics) = &metrics {
+            let metrics = Arc::clone(metrics);
+            store.on_flush(move |took| metrics.store_flushed(took));
+        }
         builder = builder.store(store);
     }
     let scheduler = builder.build()?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listener = tokio::net::TcpListener::bind(&settings.listen)
         .await
-        .map_err(|e| CliError::Usage(format!("cannot listen on {}: {e}", args.listen)))?;
+        .map_err(|e| {
+            CliError::Usage(format!("listen: cannot listen on {}: {e}", settings.listen))
+        })?;
     let addr = listener.local_addr()?;
+
+    // One signal stops both servers.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let on_stop = move || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop.send(true);
+    });
+    let metrics_server = match (&metrics, &settings.metrics_listen) {
+        (Some(metrics), Some(listen)) => {
+            let listener = tokio::net::TcpListener::bind(listen).await.map_err(|e| {
+                CliError::Usage(format!("metrics.listen: cannot listen on {listen}: {e}"))
+            })?;
+            tracing::info!(url = %format!("http://{}/metrics", listener.local_addr()?), "metrics endpoint listening");
+            Some(tokio::spawn(crate::metrics::serve(
+                listener,
+                Arc::clone(metrics),
+                scheduler.clone(),
+                on_stop(),
+            )))
+        }
+        _ => None,
+    };
+    if settings.auth.is_open() {
+        tracing::warn!("no token configured: every caller may do everything (set auth.admin_tokens / auth.apps)");
+    }
     tracing::info!(
         %addr,
-        store = ?args.store,
-        backend = ?args.backend,
+        tls = settings.tls.is_some(),
+        store = ?settings.store,
+        backend = ?settings.backend,
         regions = scheduler.regions().join(","),
         "roomsched listening"
     );
     let config = ServerConfig {
-        max_message_size: args.max_message_size,
+        gate: Arc::new(Gate::new(
+            settings.auth.clone(),
+            settings.rate_limit.clone(),
+            metrics.clone(),
+        )),
+        tls: settings
+            .tls
+            .as_ref()
+            .map(|t| Identity::from_pem(&t.cert_pem, &t.key_pem)),
+        drain_timeout: settings.shutdown_timeout,
+        max_message_size: settings.max_message_size,
         ..Default::default()
     };
-    server::run(listener, scheduler.clone(), config, shutdown_signal()).await?;
-    match args.store {
-        // Every acknowledged change is already on disk; the game servers keep running and
-        // are adopted again at the next start.
+    server::run(listener, scheduler.clone(), config, on_stop()).await?;
+    scheduler.shutdown();
+    match scheduler.flush().await {
+        Ok(()) => tracing::info!("store flushed"),
+        Err(err) => tracing::error!(%err, "store not flushed"),
+    }
+    match settings.store {
+        // Every acknowledged change is on disk; the game servers keep running and are
+        // adopted again at the next start.
         StoreKind::Durable => {
-            scheduler.shutdown();
             tracing::info!("stopped; game servers keep running and are adopted at the next start");
         }
         // Nothing could adopt them: stop them (SIGTERM, SIGKILL after the grace).
         StoreKind::Memory => scheduler.stop_all_processes().await,
+    }
+    if let Some(task) = metrics_server {
+        let _ = task.await;
     }
     Ok(())
 }
@@ -522,25 +547,23 @@ pub async fn shutdown_signal() {
     }
 }
 
-async fn channel(addr: &str) -> Result<Channel, CliError> {
-    let uri = if addr.contains("://") {
-        addr.to_string()
-    } else {
-        format!("http://{addr}")
+async fn channel(client: &ClientArgs) -> Result<Conn, CliError> {
+    let target = Target {
+        addr: client.addr.clone(),
+        ca_file: client.ca_file.clone(),
+        token: client.token.clone(),
     };
-    let endpoint = Channel::from_shared(uri.clone())
-        .map_err(|e| CliError::Usage(format!("bad --addr {addr:?}: {e}")))?
-        .connect_timeout(Duration::from_secs(5));
-    endpoint
-        .connect()
-        .await
-        .map_err(|source| CliError::Connect { addr: uri, source })
+    Ok(target.connect().await?)
 }
 
 /// Runs one subcommand.
 pub async fn run(command: Command) -> Result<(), CliError> {
     match command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(Settings::resolve(args)?).await,
+        Command::Config(cmd) => {
+            config(cmd);
+            Ok(())
+        }
         Command::Room(cmd) => room(cmd).await,
         Command::Process(cmd) => process(cmd).await,
         Command::Deployment(cmd) => deployment(cmd).await,
@@ -579,7 +602,7 @@ async fn policy(cmd: PolicyCommand) -> Result<(), CliError> {
             buffer_rooms,
             max_processes,
         } => {
-            let mut c = AppServiceClient::new(channel(&client.addr).await?);
+            let mut c = AppServiceClient::new(channel(&client).await?);
             let current = c
                 .get_region_policy(pb::GetRegionPolicyRequest {
                     app_id: app.clone(),
@@ -604,7 +627,7 @@ async fn policy(cmd: PolicyCommand) -> Result<(), CliError> {
             app,
             region,
         } => {
-            let mut c = AppServiceClient::new(channel(&client.addr).await?);
+            let mut c = AppServiceClient::new(channel(&client).await?);
             let p = c
                 .get_region_policy(pb::GetRegionPolicyRequest {
                     app_id: app,
@@ -637,7 +660,7 @@ async fn usage(
     end: Option<String>,
 ) -> Result<(), CliError> {
     let (start, end) = (rfc3339("start", start)?, rfc3339("end", end)?);
-    let mut c = AppServiceClient::new(channel(&client.addr).await?);
+    let mut c = AppServiceClient::new(channel(&client).await?);
     let u = c
         .get_usage(pb::GetUsageRequest {
             app_id: app,
@@ -682,7 +705,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             room_id,
             deployment,
         } => {
-            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut c = RoomServiceClient::new(channel(&client).await?);
             let r = c
                 .create_room(pb::CreateRoomRequest {
                     app_id: app,
@@ -708,7 +731,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             app,
             room_id,
         } => {
-            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut c = RoomServiceClient::new(channel(&client).await?);
             let r = c
                 .get_room(pb::GetRoomRequest {
                     app_id: app,
@@ -744,7 +767,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             app,
             room_id,
         } => {
-            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut c = RoomServiceClient::new(channel(&client).await?);
             c.destroy_room(pb::DestroyRoomRequest {
                 app_id: app,
                 room_id: room_id.clone(),
@@ -760,7 +783,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             app,
             room_id,
         } => {
-            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut c = RoomServiceClient::new(channel(&client).await?);
             let r = c
                 .get_connection_info(pb::GetConnectionInfoRequest {
                     app_id: app,
@@ -775,7 +798,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             app,
             room_id,
         } => {
-            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut c = RoomServiceClient::new(channel(&client).await?);
             let mut stream = c
                 .watch_connection_info(pb::GetConnectionInfoRequest {
                     app_id: app,
@@ -803,7 +826,7 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
             process,
             inactive,
         } => {
-            let mut c = RoomServiceClient::new(channel(&client.addr).await?);
+            let mut c = RoomServiceClient::new(channel(&client).await?);
             let mut rows: Vec<Value> = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -861,7 +884,7 @@ async fn process(cmd: ProcessCommand) -> Result<(), CliError> {
             region,
             deployment,
         } => {
-            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let mut c = ProcessServiceClient::new(channel(&client).await?);
             let p = c
                 .create_process(pb::CreateProcessRequest {
                     app_id: app,
@@ -877,7 +900,7 @@ async fn process(cmd: ProcessCommand) -> Result<(), CliError> {
             app,
             process_id,
         } => {
-            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let mut c = ProcessServiceClient::new(channel(&client).await?);
             let p = c
                 .get_process(pb::GetProcessRequest {
                     app_id: app,
@@ -898,7 +921,7 @@ async fn process(cmd: ProcessCommand) -> Result<(), CliError> {
                 .iter()
                 .map(|s| parse_status(s))
                 .collect::<Result<Vec<_>, _>>()?;
-            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let mut c = ProcessServiceClient::new(channel(&client).await?);
             let mut rows = Vec::new();
             let mut page_token = String::new();
             loop {
@@ -929,7 +952,7 @@ async fn process(cmd: ProcessCommand) -> Result<(), CliError> {
             app,
             process_id,
         } => {
-            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let mut c = ProcessServiceClient::new(channel(&client).await?);
             let p = c
                 .drain_process(pb::DrainProcessRequest {
                     app_id: app,
@@ -944,7 +967,7 @@ async fn process(cmd: ProcessCommand) -> Result<(), CliError> {
             app,
             process_id,
         } => {
-            let mut c = ProcessServiceClient::new(channel(&client.addr).await?);
+            let mut c = ProcessServiceClient::new(channel(&client).await?);
             let p = c
                 .stop_process(pb::StopProcessRequest {
                     app_id: app,
@@ -1018,7 +1041,7 @@ async fn deployment(cmd: DeploymentCommand) -> Result<(), CliError> {
                 Strategy::MostFree => pb::PlacementStrategy::MostFree,
                 Strategy::FewestFree => pb::PlacementStrategy::FewestFree,
             };
-            let mut c = DeploymentServiceClient::new(channel(&client.addr).await?);
+            let mut c = DeploymentServiceClient::new(channel(&client).await?);
             let d = c
                 .create_deployment(pb::CreateDeploymentRequest {
                     app_id: app,
@@ -1040,7 +1063,7 @@ async fn deployment(cmd: DeploymentCommand) -> Result<(), CliError> {
             app,
             deployment_id,
         } => {
-            let mut c = DeploymentServiceClient::new(channel(&client.addr).await?);
+            let mut c = DeploymentServiceClient::new(channel(&client).await?);
             let d = match deployment_id {
                 Some(id) => {
                     c.get_deployment(pb::GetDeploymentRequest {
@@ -1058,7 +1081,7 @@ async fn deployment(cmd: DeploymentCommand) -> Result<(), CliError> {
             print_one(client.json, &deployment_json(&d));
         }
         DeploymentCommand::List { client, app } => {
-            let mut c = DeploymentServiceClient::new(channel(&client.addr).await?);
+            let mut c = DeploymentServiceClient::new(channel(&client).await?);
             let ds = c
                 .list_deployments(pb::ListDeploymentsRequest { app_id: app })
                 .await?

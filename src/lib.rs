@@ -44,11 +44,17 @@ pub mod bench;
 #[cfg(feature = "server")]
 pub mod cli;
 #[cfg(feature = "server")]
+pub mod client;
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
 pub mod grpc;
+#[cfg(feature = "server")]
+pub mod metrics;
 #[cfg(feature = "server")]
 pub mod server;
 
 pub use crate::core::clock::{Clock, ManualClock, SystemClock};
 pub use crate::core::error::{Error, Result};
 pub use crate::core::types::*;
-pub use crate::core::{ConnectionWatch, Scheduler, SchedulerBuilder, DEFAULT_REGIONS};
+pub use crate::core::{ConnectionWatch, Observer, Scheduler, SchedulerBuilder, DEFAULT_REGIONS};

@@ -1,31 +1,36 @@
-//! The `roomsched` binary: parses arguments, sets up logging, and hands over to the library
-//! (`roomsched::cli`).
+//! The `roomsched` binary: parses arguments, resolves the configuration of `serve`, sets up
+//! logging, and hands over to the library (`roomsched::cli`).
 
 use clap::Parser;
 use roomsched::cli::{self, Cli, Command};
+use roomsched::config::{LogFormat, Settings};
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Logs go to stderr, filtered by `ROOMSCHED_LOG` (e.g. `info,roomsched=debug`); the
+/// transport crates only speak up for warnings.
+fn init_logging(default_level: &str, format: LogFormat) {
+    let filter = EnvFilter::try_from_env("ROOMSCHED_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(format!(
+            "{default_level},h2=warn,hyper=warn,hyper_util=warn,tower=warn,tonic=warn,rustls=warn,axum=warn"
+        ))
+    });
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => logs.json().with_current_span(true).init(),
+        LogFormat::Pretty => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
-        "info"
-    } else {
-        "warn"
-    };
-    let filter = EnvFilter::try_from_env("ROOMSCHED_LOG").unwrap_or_else(|_| {
-        EnvFilter::new(format!("{default_level},h2=warn,hyper=warn,tower=warn"))
-    });
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(ansi)
-        .init();
-
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {
@@ -33,7 +38,20 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli::run(cli.command)) {
+    let result = match cli.command {
+        Command::Serve(args) => match Settings::resolve(args) {
+            Ok(settings) => {
+                init_logging("info", settings.log_format);
+                runtime.block_on(cli::serve(settings))
+            }
+            Err(err) => Err(err.into()),
+        },
+        command => {
+            init_logging("warn", LogFormat::Pretty);
+            runtime.block_on(cli::run(command))
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err}");

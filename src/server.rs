@@ -5,6 +5,7 @@
 //! and one entry per roomsched service) and gRPC server reflection, so grpcurl,
 //! grpc_health_probe and Kubernetes probes work with no proto file.
 
+use crate::grpc::gate::Gate;
 use crate::grpc::pb::app_service_server::AppServiceServer;
 use crate::grpc::pb::deployment_service_server::DeploymentServiceServer;
 use crate::grpc::pb::process_service_server::ProcessServiceServer;
@@ -12,13 +13,23 @@ use crate::grpc::pb::room_service_server::RoomServiceServer;
 use crate::grpc::{pb, AppApi, DeploymentApi, ProcessApi, RoomApi};
 use crate::Scheduler;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Identity, ServerTlsConfig};
 use tonic_health::ServingStatus;
 
 /// Settings of the transport.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
+    /// Who may call, rate limits and request metrics (default: open, unlimited, uncounted).
+    pub gate: Arc<Gate>,
+    /// Serve TLS only, with this certificate and key (default: plaintext).
+    pub tls: Option<Identity>,
+    /// After the shutdown delay, how long calls in flight may take before the server stops
+    /// waiting for them (default 10 s).
+    pub drain_timeout: std::time::Duration,
     /// Largest request or response message, in bytes (default 4 MiB).
     pub max_message_size: usize,
     /// After the shutdown signal, how long the server keeps answering — health NOT_SERVING,
@@ -31,6 +42,9 @@ pub struct ServerConfig {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
+            gate: Arc::new(Gate::open()),
+            tls: None,
+            drain_timeout: std::time::Duration::from_secs(10),
             max_message_size: 4 * 1024 * 1024,
             shutdown_delay: std::time::Duration::from_millis(500),
         }
@@ -56,7 +70,10 @@ const SERVICES: [&str; 4] = [
 /// Serves the roomsched gRPC API on `listener` until `shutdown` completes. On shutdown the
 /// health status turns NOT_SERVING, the scheduler refuses new changes (UNAVAILABLE) and
 /// connection watches end; after `shutdown_delay` the server stops taking connections, and
-/// calls in flight finish before this returns.
+/// calls in flight finish (for at most `drain_timeout`) before this returns.
+///
+/// Every call runs in a `request` span with an id: the caller's `x-request-id` metadata, or
+/// one made up, so log lines of one call can be found together.
 pub async fn run(
     listener: TcpListener,
     scheduler: Scheduler,
@@ -78,10 +95,12 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) =
         (reflection().build_v1()?, reflection().build_v1alpha()?);
     let (max, shutdown_delay) = (config.max_message_size, config.shutdown_delay);
+    let (fired, shutdown_started) = tokio::sync::oneshot::channel::<()>();
     let signal = {
         let scheduler = scheduler.clone();
         async move {
             shutdown.await;
+            let _ = fired.send(());
             tracing::info!("shutting down: health NOT_SERVING, changes refused");
             for name in SERVICES.iter().chain(&[""]) {
                 health
@@ -93,32 +112,62 @@ pub async fn run(
             tracing::info!("closing connections once the calls in flight finish");
         }
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(identity) = config.tls {
+        builder = builder.tls_config(ServerTlsConfig::new().identity(identity))?;
+    }
+    let next_id = AtomicU64::new(1);
+    let gate = config.gate;
+    let serve = builder
+        .trace_fn(move |req| {
+            let id = match req
+                .headers()
+                .get("x-request-id")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(id) => id.chars().take(64).collect::<String>(),
+                None => format!("{:x}", next_id.fetch_add(1, Ordering::Relaxed)),
+            };
+            tracing::info_span!("request", id, method = req.uri().path())
+        })
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            RoomServiceServer::new(RoomApi(scheduler.clone()))
+            RoomServiceServer::new(RoomApi::new(scheduler.clone(), Arc::clone(&gate)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .add_service(
-            ProcessServiceServer::new(ProcessApi(scheduler.clone()))
+            ProcessServiceServer::new(ProcessApi::new(scheduler.clone(), Arc::clone(&gate)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .add_service(
-            DeploymentServiceServer::new(DeploymentApi(scheduler.clone()))
+            DeploymentServiceServer::new(DeploymentApi::new(scheduler.clone(), Arc::clone(&gate)))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
         .add_service(
-            AppServiceServer::new(AppApi(scheduler))
+            AppServiceServer::new(AppApi::new(scheduler, gate))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(max),
         )
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
-        .await?;
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+    let drain_timeout = shutdown_delay + config.drain_timeout;
+    let deadline = async move {
+        if shutdown_started.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        served = serve => served?,
+        () = deadline => tracing::warn!(
+            waited_ms = drain_timeout.as_millis() as u64,
+            "calls still in flight after the shutdown timeout; stopping without them"
+        ),
+    }
     tracing::info!("server stopped");
     Ok(())
 }

@@ -25,6 +25,14 @@ pub enum Error {
         message: String,
         retry_after: Duration,
     },
+    /// The caller did not prove who it is (no or an unknown token). Raised by the service's
+    /// access checks, never by the library's own calls.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller is known but may not touch this app. Raised by the service's access
+    /// checks, never by the library's own calls.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The scheduler cannot take the call now (shutting down, store unavailable).
     #[error("{0}")]
     Unavailable(String),

@@ -99,6 +99,7 @@ struct Inner {
     closing: watch::Sender<bool>,
     /// The next room's number (`RoomRecord::seq`): above every number in the store.
     room_seq: AtomicU64,
+    observer: Arc<dyn super::Observer>,
 }
 
 /// A change made in memory whose commit and effects are still to come. Dropped before they
@@ -272,6 +273,7 @@ pub struct SchedulerBuilder {
     limits: Limits,
     default_policy: RegionPolicy,
     retained_destroyed_rooms: usize,
+    observer: Option<Arc<dyn super::Observer>>,
 }
 
 impl Default for SchedulerBuilder {
@@ -288,6 +290,7 @@ impl Default for SchedulerBuilder {
                 start_timeout: Duration::from_secs(100),
             },
             retained_destroyed_rooms: 100_000,
+            observer: None,
         }
     }
 }
@@ -367,6 +370,12 @@ impl SchedulerBuilder {
         self
     }
 
+    /// Who is told of placements and process starts (default: no one).
+    pub fn observer(mut self, observer: Arc<dyn super::Observer>) -> Self {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Builds the scheduler. Must be called within a Tokio runtime: it spawns the task that
     /// applies process events and timers.
     pub fn build(self) -> Result<Scheduler> {
@@ -374,23 +383,7 @@ impl SchedulerBuilder {
             Error::FailedPrecondition("Scheduler::build must run inside a Tokio runtime".into())
         })?;
         validate::region_policy(&self.default_policy)?;
-        if self.regions.is_empty() {
-            return Err(Error::invalid(
-                "regions",
-                "at least one region must be configured",
-            ));
-        }
-        for (i, r) in self.regions.iter().enumerate() {
-            validate::app_id(r).map_err(|_| {
-                Error::invalid(
-                    "regions",
-                    format!("{r:?} must match ^[A-Za-z0-9_-]{{1,100}}$"),
-                )
-            })?;
-            if self.regions[..i].contains(r) {
-                return Err(Error::invalid("regions", format!("{r:?} appears twice")));
-            }
-        }
+        super::validate_regions(&self.regions)?;
         let (events, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             regions: self.regions,
@@ -407,6 +400,9 @@ impl SchedulerBuilder {
             events,
             closing: watch::Sender::new(false),
             room_seq: AtomicU64::new(0),
+            observer: self
+                .observer
+                .unwrap_or_else(|| Arc::new(super::observer::NoObserver)),
         });
         let scheduler = Scheduler { inner };
         let started = std::time::Instant::now();
@@ -469,6 +465,26 @@ impl Scheduler {
         SchedulerBuilder::default()
     }
 
+    /// Processes by status and live rooms of every app in every region where it has ever
+    /// had a process (not waiting for pending commits: for monitoring).
+    pub fn census(&self) -> Vec<RegionCensus> {
+        let mut out = Vec::new();
+        for app in self.state().apps.iter() {
+            for region in 0..app.shards.len() {
+                if let Some(shard) = app.existing_shard(region) {
+                    let (processes, live_rooms) = shard.lock().census();
+                    out.push(RegionCensus {
+                        app_id: app.app_id.clone(),
+                        region: self.inner.regions[region].clone(),
+                        processes,
+                        live_rooms,
+                    });
+                }
+            }
+        }
+        out
+    }
+
     /// The configured regions.
     pub fn regions(&self) -> &[String] {
         &self.inner.regions
@@ -521,6 +537,16 @@ impl Scheduler {
         if self.inner.events.send(barrier).is_ok() {
             let _ = wait.await;
         }
+    }
+
+    /// Waits until every change made so far is on disk (at once with the memory store).
+    pub async fn flush(&self) -> Result<()> {
+        self.inner
+            .store
+            .barrier()
+            .wait()
+            .await
+            .map_err(|e| Error::Unavailable(e.to_string()))
     }
 
     /// Refuses further changes with UNAVAILABLE and ends connection watches. Reads still work.
@@ -594,6 +620,7 @@ impl Scheduler {
             backend: self.inner.backend.as_ref(),
             latest: app.latest().ok(),
             room_seq: &self.inner.room_seq,
+            observer: self.inner.observer.as_ref(),
         }
     }
 
@@ -1329,7 +1356,8 @@ impl Scheduler {
                         let pid = state.create_room(ctx, &dep, slot.key(), config, pinned, txn)?;
                         let id = slot.key().clone();
                         slot.insert(region);
-                        tracing::debug!(app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
+                        tracing::info!(app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
+                        ctx.observer.room_placed(ctx.app_id, ctx.region);
                         return state.placement(&id);
                     }
                 }

@@ -59,6 +59,7 @@ pub(crate) struct Ctx<'a> {
     pub(crate) latest: Option<Arc<Deployment>>,
     /// Numbers rooms in the order they are created, server-wide (the store's key of a room).
     pub(crate) room_seq: &'a AtomicU64,
+    pub(crate) observer: &'a dyn super::Observer,
 }
 
 /// After a pool process failed to start, the warm pool waits this long before starting
@@ -442,6 +443,19 @@ impl ShardState {
 
     pub(crate) fn processes(&self) -> impl Iterator<Item = Process> + '_ {
         self.processes.values().map(ProcessEntry::snapshot)
+    }
+
+    /// Processes per status (in the order of `ProcessStatus::ALL`) and live rooms.
+    pub(crate) fn census(&self) -> ([(ProcessStatus, u32); 6], u64) {
+        let mut counts = ProcessStatus::ALL.map(|s| (s, 0));
+        let mut rooms = 0;
+        for e in self.processes.values() {
+            if let Some(c) = counts.iter_mut().find(|c| c.0 == e.process.status) {
+                c.1 += 1;
+            }
+            rooms += e.rooms.len() as u64;
+        }
+        (counts, rooms)
     }
 
     pub(crate) fn count_processes(&self, statuses: &[ProcessStatus]) -> usize {
@@ -891,7 +905,7 @@ impl ShardState {
             if destroy {
                 r.destroyed = true;
                 txn.destroyed.push(room_id.to_string());
-                tracing::debug!(app_id = ctx.app_id, room_id, process_id = %pid, "room destroyed");
+                tracing::info!(app_id = ctx.app_id, room_id, process_id = %pid, "room destroyed");
             }
         }
         if let Some(p) = self.processes.get_mut(&pid) {
@@ -1078,6 +1092,9 @@ impl ShardState {
             _ => return, // a duplicate report
         }
         let drain = e.drain_requested;
+        let took = (ctx.now - e.process.created_at)
+            .to_std()
+            .unwrap_or_default();
         self.update(pid, |e| {
             e.process.status = if drain {
                 ProcessStatus::Draining
@@ -1089,6 +1106,7 @@ impl ShardState {
             e.process.additional_exposed_ports = additional;
         });
         tracing::info!(app_id = ctx.app_id, region = ctx.region, process_id = %pid, "process running");
+        ctx.observer.process_started(ctx.app_id, ctx.region, took);
         txn.notify = true;
         self.after_room_left(ctx, pid, txn); // may start its idle clock: recorded below
         self.record_process(pid, txn);
@@ -1231,6 +1249,7 @@ impl ShardState {
                         r.attempts += 1;
                     }
                     tracing::info!(app_id = ctx.app_id, room_id, process_id = %new_pid, "room placed again");
+                    ctx.observer.room_placed(ctx.app_id, ctx.region);
                     self.record_room(ctx, &room_id, txn);
                 }
                 Err(err) => {
@@ -1422,6 +1441,7 @@ mod tests {
             backend: &NO_BACKEND,
             latest: None,
             room_seq: &ROOM_SEQ,
+            observer: &crate::core::observer::NoObserver,
         }
     }
 

@@ -335,3 +335,14 @@ pub mod timestamp {
         }
     }
 }
+
+/// How many processes of an app are in each status in one region, and how many live rooms
+/// they hold: what monitoring shows ([`crate::Scheduler::census`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionCensus {
+    pub app_id: String,
+    pub region: String,
+    /// One entry per status, in the order of [`ProcessStatus::ALL`].
+    pub processes: [(ProcessStatus, u32); 6],
+    pub live_rooms: u64,
+}

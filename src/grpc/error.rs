@@ -18,6 +18,8 @@ impl From<Error> for Status {
                 message,
                 ErrorDetails::with_retry_info(Some(retry_after)),
             ),
+            Error::Unauthenticated(_) => Status::unauthenticated(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Unavailable(_) => Status::unavailable(message),
             Error::Internal(_) => {
                 tracing::error!(%message, "internal error");

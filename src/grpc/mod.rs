@@ -1,10 +1,12 @@
 //! The gRPC adapters: each handler converts the request (`convert`), calls one
 //! [`crate::Scheduler`] method, and converts the answer back; errors map to status codes in
-//! one place (`error`). No scheduling logic lives here.
+//! one place (`error`); access checks, rate limits and request metrics happen in `gate`. No
+//! scheduling logic lives here.
 
 pub mod codec;
 pub mod convert;
 pub mod error;
+pub mod gate;
 mod services;
 
 pub use services::{AppApi, DeploymentApi, ProcessApi, RoomApi};

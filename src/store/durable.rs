@@ -59,7 +59,6 @@ const COMPACT_RATIO: u64 = 4;
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
 
 /// Persists changes in a redb file with group commit.
-#[derive(Debug)]
 pub struct DurableStore {
     path: PathBuf,
     commands: mpsc::Sender<Command>,
@@ -68,7 +67,19 @@ pub struct DurableStore {
     /// Set (before the refused changes are answered) when a commit failed; cleared when the
     /// store is reopened.
     failed: Arc<AtomicBool>,
+    on_flush: FlushHook,
 }
+
+impl std::fmt::Debug for DurableStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableStore")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// Told how long each successful flush (one commit, one fsync) took.
+type FlushHook = Arc<std::sync::OnceLock<Box<dyn Fn(std::time::Duration) + Send + Sync>>>;
 
 enum Command {
     Append(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
@@ -102,7 +113,9 @@ impl DurableStore {
         let (commands, rx) = mpsc::channel();
         let pending = Arc::new(AtomicUsize::new(0));
         let failed = Arc::new(AtomicBool::new(false));
+        let on_flush = FlushHook::default();
         let writer = Writer {
+            on_flush: Arc::clone(&on_flush),
             pending: Arc::clone(&pending),
             failed_flag: Arc::clone(&failed),
             path: path.clone(),
@@ -122,7 +135,14 @@ impl DurableStore {
             commands,
             pending,
             failed,
+            on_flush,
         })
+    }
+
+    /// Calls `hook` with the duration of every successful flush, from the writer thread (so
+    /// it must be quick). Only the first hook set is kept.
+    pub fn on_flush(&self, hook: impl Fn(std::time::Duration) + Send + Sync + 'static) {
+        let _ = self.on_flush.set(Box::new(hook));
     }
 
     /// The store's file.
@@ -363,6 +383,7 @@ struct Writer {
     pending: Arc<AtomicUsize>,
     /// `DurableStore::failed`.
     failed_flag: Arc<AtomicBool>,
+    on_flush: FlushHook,
     path: PathBuf,
     /// `None` after a failure closed it, until `Reopen`.
     db: Option<Database>,
@@ -498,6 +519,9 @@ impl Writer {
         }
         self.pending.fetch_sub(answered, Ordering::SeqCst);
         if result.is_ok() {
+            if let Some(hook) = self.on_flush.get() {
+                hook(started.elapsed());
+            }
             self.commits += 1;
             if self.unfolded.len() >= CHECKPOINT_RECORDS {
                 self.checkpoint();
