@@ -11,6 +11,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tonic::transport::{Identity, ServerTlsConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -246,10 +247,19 @@ struct FileMetrics {
 }
 
 /// TLS identity of the server, read from its files at startup.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TlsFiles {
     pub cert_pem: Vec<u8>,
     pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsFiles")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"(secret)")
+            .finish()
+    }
 }
 
 /// The resolved configuration of `roomsched serve`.
@@ -435,10 +445,27 @@ impl Settings {
             }
         };
         let tls = match (cert, key) {
-            (Some(cert), Some(key)) => Some(TlsFiles {
-                cert_pem: read_file("tls.cert_file", &cert)?,
-                key_pem: read_file("tls.key_file", &key)?,
-            }),
+            (Some(cert), Some(key)) => {
+                let files = TlsFiles {
+                    cert_pem: read_file("tls.cert_file", &cert)?,
+                    key_pem: read_file("tls.key_file", &key)?,
+                };
+                // Parses both files and checks that the key fits the certificate.
+                let identity = Identity::from_pem(&files.cert_pem, &files.key_pem);
+                tonic::transport::Server::builder()
+                    .tls_config(ServerTlsConfig::new().identity(identity))
+                    .map_err(|e| {
+                        let mut why = e.to_string();
+                        let mut source = std::error::Error::source(&e);
+                        while let Some(s) = source {
+                            why = format!("{why}: {s}");
+                            source = s.source();
+                        }
+                        let (cert, key) = (cert.display(), key.display());
+                        bad("tls", format!("cannot use {cert} with {key}: {why}"))
+                    })?;
+                Some(files)
+            }
             _ => None,
         };
 
