@@ -401,16 +401,22 @@ pub enum CliError {
 /// (for at most the shutdown timeout), the store is flushed, and this returns Ok.
 pub async fn serve(settings: Settings) -> Result<(), CliError> {
     let backend: std::sync::Arc<dyn crate::backend::Backend> = match settings.backend {
-        BackendKind::Simulated => std::sync::Arc::new(Simulated::new(SimulatedConfig {
-            start_delay: settings.sim_start_delay,
-            host: settings.public_host.clone(),
-            ..Default::default()
-        })),
+        BackendKind::Simulated => {
+            let defaults = SimulatedConfig::default();
+            std::sync::Arc::new(Simulated::new(SimulatedConfig {
+                start_delay: settings.sim_start_delay,
+                host: settings.public_host.clone(),
+                ports: settings.ports.clone().unwrap_or(defaults.ports.clone()),
+                ..defaults
+            }))
+        }
         BackendKind::Local => {
+            let defaults = crate::backend::LocalConfig::default();
             std::sync::Arc::new(crate::backend::Local::new(crate::backend::LocalConfig {
                 host: settings.public_host.clone(),
                 log_dir: settings.data_dir.join("logs"),
-                ..Default::default()
+                ports: settings.ports.clone().unwrap_or(defaults.ports.clone()),
+                ..defaults
             }))
         }
     };

@@ -9,6 +9,7 @@ use crate::RegionPolicy;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::{Identity, ServerTlsConfig};
@@ -70,6 +71,10 @@ pub struct ServeArgs {
     /// Comma-separated region names [file: regions; default the 14 Hathora regions].
     #[arg(long, env = "ROOMSCHED_REGIONS", value_delimiter = ',')]
     pub regions: Option<Vec<String>>,
+    /// Ports handed to game servers, FIRST-LAST [file: backend.ports; default 30000-39999
+    /// for local, 20000-60000 for simulated].
+    #[arg(long, env = "ROOMSCHED_PORTS")]
+    pub ports: Option<String>,
     /// How long a simulated process stays STARTING before it binds its port
     /// [file: backend.sim_start_delay; default 0ms].
     #[arg(long, env = "ROOMSCHED_SIM_START_DELAY", value_parser = duration)]
@@ -186,6 +191,7 @@ struct FileStore {
 #[serde(deny_unknown_fields)]
 struct FileBackend {
     kind: Option<BackendKind>,
+    ports: Option<String>,
     sim_start_delay: Option<String>,
 }
 
@@ -270,6 +276,8 @@ pub struct Settings {
     pub store: StoreKind,
     pub backend: BackendKind,
     pub public_host: String,
+    /// Ports handed to game servers (None: the backend's default range).
+    pub ports: Option<RangeInclusive<u16>>,
     pub regions: Option<Vec<String>>,
     pub sim_start_delay: Duration,
     pub start_timeout: Duration,
@@ -290,6 +298,19 @@ fn file_duration(key: &str, value: Option<String>) -> Result<Option<Duration>, C
     value
         .map(|v| duration(&v).map_err(|e| bad(key, format!("{v:?}: {e}"))))
         .transpose()
+}
+
+fn port_range(key: &str, value: &str) -> Result<RangeInclusive<u16>, ConfigError> {
+    let parsed = value
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?)));
+    match parsed {
+        Some((first, last)) if first >= 1 && first <= last => Ok(first..=last),
+        _ => Err(bad(
+            key,
+            format!("{value:?} is not a port range FIRST-LAST with 1 <= FIRST <= LAST <= 65535"),
+        )),
+    }
 }
 
 fn read_file(key: &str, path: &Path) -> Result<Vec<u8>, ConfigError> {
@@ -469,6 +490,11 @@ impl Settings {
             _ => None,
         };
 
+        let ports = match (args.ports, file.backend.ports) {
+            (Some(flag), _) => Some(port_range("backend.ports (--ports)", &flag)?),
+            (None, Some(file)) => Some(port_range("backend.ports", &file)?),
+            (None, None) => None,
+        };
         let metrics_listen = args.metrics_listen.or(file.metrics.listen);
         let listen = args
             .listen
@@ -495,6 +521,7 @@ impl Settings {
                 .public_host
                 .or(file.public_host)
                 .unwrap_or_else(|| "127.0.0.1".into()),
+            ports,
             regions,
             sim_start_delay: args
                 .sim_start_delay
@@ -560,6 +587,8 @@ data_dir = "./roomsched-data"
 [backend]
 # "simulated" (processes in memory) or "local" (real OS processes).
 kind = "simulated"
+# Ports handed to game servers. Default: 30000-39999 (local), 20000-60000 (simulated).
+# ports = "30000-39999"
 # Simulated processes stay STARTING this long.
 sim_start_delay = "0ms"
 
@@ -674,6 +703,8 @@ mod tests {
             ("regions = []", "regions"),
             ("regions = [\"A\", \"A\"]", "regions"),
             ("[limits]\nmax_message_size = 10", "limits.max_message_size"),
+            ("[backend]\nports = \"9-3\"", "backend.ports"),
+            ("[backend]\nports = \"1-70000\"", "backend.ports"),
             (
                 "listen = \"127.0.0.1:9\"\n[metrics]\nlisten = \"127.0.0.1:9\"",
                 "metrics.listen",

@@ -497,3 +497,50 @@ pub(crate) fn expect_error<T: std::fmt::Debug>(
     }
     Ok(status)
 }
+
+impl TestServer {
+    /// Like [`TestServer::start_with`], with `observer` watching the scheduler (e.g. the
+    /// `Metrics` the server's gate also counts requests in). The channel is lazy: it connects
+    /// at its first call, and a server with `cfg.server.tls` set is started without any
+    /// plaintext connection (reach it with `roomsched::client::Target` instead).
+    pub(crate) async fn start_observed(
+        cfg: TestConfig,
+        observer: Arc<dyn roomsched::Observer>,
+    ) -> TestResult<TestServer> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let sim = Arc::new(Simulated::new(cfg.sim.clone()));
+        let backend: Arc<dyn Backend> = sim.clone();
+        let scheduler = Scheduler::builder()
+            .regions(cfg.regions.clone())
+            .backend_arc(backend)
+            .max_processes(cfg.max_processes)
+            .start_timeout(cfg.start_timeout)
+            .idle_timeout(cfg.idle_timeout)
+            .stop_grace(cfg.stop_grace)
+            .observer(observer)
+            .build()?;
+        let (tx, rx) = oneshot::channel::<()>();
+        let server = tokio::spawn(roomsched::server::run(
+            listener,
+            scheduler.clone(),
+            cfg.server.clone(),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let channel = Channel::from_shared(format!("http://{addr}"))?.connect_lazy();
+        Ok(TestServer {
+            addr,
+            rooms: RoomServiceClient::new(channel.clone()),
+            processes: ProcessServiceClient::new(channel.clone()),
+            deployments: DeploymentServiceClient::new(channel.clone()),
+            apps: AppServiceClient::new(channel.clone()),
+            channel,
+            scheduler,
+            sim,
+            shutdown: Some(tx),
+            server: Some(server),
+        })
+    }
+}
