@@ -43,7 +43,7 @@ impl Interceptor for Credentials {
 pub enum ConnectError {
     #[error("{0}")]
     Setup(String),
-    #[error("cannot reach roomsched at {addr} (is `roomsched serve` running there?): {source}")]
+    #[error("cannot reach roomsched at {addr}: {}", causes(.source))]
     Connect {
         addr: String,
         source: tonic::transport::Error,
@@ -100,6 +100,21 @@ impl Target {
             Credentials::bearer(self.token.as_deref())?,
         ))
     }
+}
+
+/// An error and its causes, e.g. "transport error: invalid peer certificate: UnknownIssuer"
+/// (tonic's transport error alone says only "transport error").
+fn causes(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 fn read_ca(path: &Path) -> Result<Certificate, ConnectError> {

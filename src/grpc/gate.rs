@@ -9,6 +9,7 @@ use dashmap::DashMap;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use subtle::{Choice, ConstantTimeEq};
@@ -100,13 +101,24 @@ pub(crate) enum Access {
     ConnectionInfo,
 }
 
-/// Buckets beyond this many are pruned of full ones (apps idle for a while), which behave
-/// exactly like a new bucket, so callers inventing app ids cannot grow memory without bound.
-const MAX_IDLE_BUCKETS: usize = 10_000;
+/// When there are this many buckets, full ones (apps idle for a while, which behave exactly
+/// like a new bucket) are dropped, so callers inventing app ids cannot grow memory without
+/// bound; the next pruning waits until the count has doubled again.
+const PRUNE_BUCKETS_AT: usize = 10_000;
 
 struct Bucket {
+    rate: Rate,
     tokens: f64,
     last: Instant,
+}
+
+impl Bucket {
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * self.rate.per_second).min(f64::from(self.rate.burst));
+        self.last = now;
+    }
 }
 
 /// Authentication, tenancy, rate limits and request metrics of the gRPC services.
@@ -114,6 +126,8 @@ pub struct Gate {
     auth: AuthConfig,
     rates: RateLimitConfig,
     buckets: DashMap<String, Bucket>,
+    /// Bucket count at which full buckets are dropped next.
+    prune_at: AtomicUsize,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -132,6 +146,7 @@ impl Gate {
             auth,
             rates,
             buckets: DashMap::new(),
+            prune_at: AtomicUsize::new(PRUNE_BUCKETS_AT),
             metrics,
         }
     }
@@ -222,22 +237,21 @@ impl Gate {
             return Ok(());
         }
         let now = Instant::now();
-        let refill = |b: &mut Bucket| {
-            let elapsed = now.saturating_duration_since(b.last).as_secs_f64();
-            b.tokens = (b.tokens + elapsed * rate.per_second).min(f64::from(rate.burst));
-            b.last = now;
-        };
-        if !self.buckets.contains_key(app_id) && self.buckets.len() >= MAX_IDLE_BUCKETS {
+        let prune_at = self.prune_at.load(Ordering::Relaxed);
+        if self.buckets.len() >= prune_at && !self.buckets.contains_key(app_id) {
             self.buckets.retain(|_, b| {
-                refill(b);
-                b.tokens < f64::from(rate.burst)
+                b.refill(now);
+                b.tokens < f64::from(b.rate.burst)
             });
+            let next = (2 * self.buckets.len()).max(PRUNE_BUCKETS_AT);
+            self.prune_at.store(next, Ordering::Relaxed);
         }
         let mut bucket = self.buckets.entry(app_id.to_string()).or_insert(Bucket {
+            rate: *rate,
             tokens: f64::from(rate.burst),
             last: now,
         });
-        refill(&mut bucket);
+        bucket.refill(now);
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
             return Ok(());
