@@ -11,6 +11,10 @@ pub mod types;
 mod validate;
 
 pub use observer::Observer;
+
+/// The log target of the lines about single rooms (placed, destroyed, placed again), so a busy
+/// server can quiet them alone: `ROOMSCHED_LOG=info,roomsched::rooms=warn`.
+pub const ROOM_LOG: &str = "roomsched::rooms";
 pub use scheduler::{
     ConnectionWatch, Scheduler, SchedulerBuilder, DEFAULT_PAGE_SIZE, DEFAULT_REGIONS, MAX_PAGE_SIZE,
 };

@@ -26,6 +26,7 @@ use super::error::{Error, Result};
 use super::shard::{Ctx, Effect, Limits, ShardState, Txn};
 use super::types::*;
 use super::validate;
+use super::ROOM_LOG;
 use crate::backend::{
     AdoptSpec, Backend, ProcessEvent, ProcessEventKind, ProcessEvents, Simulated, StartSpec,
 };
@@ -1356,7 +1357,7 @@ impl Scheduler {
                         let pid = state.create_room(ctx, &dep, slot.key(), config, pinned, txn)?;
                         let id = slot.key().clone();
                         slot.insert(region);
-                        tracing::info!(app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
+                        tracing::info!(target: ROOM_LOG, app_id = ctx.app_id, region = ctx.region, room_id = id, process_id = %pid, "room placed");
                         ctx.observer.room_placed(ctx.app_id, ctx.region);
                         return state.placement(&id);
                     }

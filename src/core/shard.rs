@@ -20,6 +20,7 @@ use super::types::{
     ProcessId, ProcessStatus, RegionPolicy, RegionUsage, Room, RoomAllocation, RoomPlacement,
     RoomStatus,
 };
+use super::ROOM_LOG;
 use crate::backend::ExitStatus;
 use crate::store::{ProcessRecord, Record, RoomRecord};
 use chrono::{DateTime, Utc};
@@ -905,7 +906,7 @@ impl ShardState {
             if destroy {
                 r.destroyed = true;
                 txn.destroyed.push(room_id.to_string());
-                tracing::info!(app_id = ctx.app_id, room_id, process_id = %pid, "room destroyed");
+                tracing::info!(target: ROOM_LOG, app_id = ctx.app_id, room_id, process_id = %pid, "room destroyed");
             }
         }
         if let Some(p) = self.processes.get_mut(&pid) {
@@ -1248,12 +1249,12 @@ impl ShardState {
                         r.allocations.push(new_allocation(new_pid, ctx.now));
                         r.attempts += 1;
                     }
-                    tracing::info!(app_id = ctx.app_id, room_id, process_id = %new_pid, "room placed again");
+                    tracing::info!(target: ROOM_LOG, app_id = ctx.app_id, room_id, process_id = %new_pid, "room placed again");
                     ctx.observer.room_placed(ctx.app_id, ctx.region);
                     self.record_room(ctx, &room_id, txn);
                 }
                 Err(err) => {
-                    tracing::warn!(app_id = ctx.app_id, room_id, %err, "room destroyed: could not place it again");
+                    tracing::warn!(target: ROOM_LOG, app_id = ctx.app_id, room_id, %err, "room destroyed: could not place it again");
                     if let Some(r) = self.rooms.get_mut(&room_id) {
                         r.destroyed = true;
                     }
