@@ -400,6 +400,9 @@ pub enum CliError {
 /// On the signal: health turns NOT_SERVING and changes are refused, calls in flight finish
 /// (for at most the shutdown timeout), the store is flushed, and this returns Ok.
 pub async fn serve(settings: Settings) -> Result<(), CliError> {
+    // Before anything else: a SIGTERM during recovery or right after startup stops the server
+    // once it is up, instead of killing it or being lost.
+    let signal = shutdown_signal();
     let backend: std::sync::Arc<dyn crate::backend::Backend> = match settings.backend {
         BackendKind::Simulated => {
             let defaults = SimulatedConfig::default();
@@ -464,7 +467,7 @@ pub async fn serve(settings: Settings) -> Result<(), CliError> {
         }
     };
     tokio::spawn(async move {
-        shutdown_signal().await;
+        signal.await;
         let _ = stop.send(true);
     });
     let metrics_server = match (&metrics, &settings.metrics_listen) {
@@ -528,28 +531,34 @@ pub async fn serve(settings: Settings) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGINT and SIGTERM from this call on (so a signal that arrives before the
+/// returned future is first polled is not lost, nor fatal); the future completes on the first.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
+        use tokio::signal::unix::{signal, SignalKind};
+        let listeners = signal(SignalKind::terminate()).and_then(|term| {
+            let int = signal(SignalKind::interrupt())?;
+            Ok((term, int))
+        });
+        async move {
+            match listeners {
+                Ok((mut term, mut int)) => tokio::select! {
+                    _ = term.recv() => tracing::info!("received SIGTERM"),
+                    _ = int.recv() => tracing::info!("received SIGINT"),
+                },
                 Err(err) => {
-                    tracing::warn!(%err, "cannot listen for SIGTERM; only SIGINT stops the server");
-                    let _ = ctrl_c.await;
-                    return;
+                    tracing::warn!(%err, "cannot listen for SIGTERM or SIGINT; the server can only be killed");
+                    std::future::pending::<()>().await;
                 }
-            };
-        tokio::select! {
-            _ = ctrl_c => tracing::info!("received SIGINT"),
-            _ = term.recv() => tracing::info!("received SIGTERM"),
+            }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = ctrl_c.await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -175,7 +175,8 @@ struct File {
     auth: FileAuth,
     #[serde(default)]
     rate_limit: FileRateLimit,
-    tls: Option<FileTls>,
+    #[serde(default)]
+    tls: FileTls,
     #[serde(default)]
     metrics: FileMetrics,
 }
@@ -239,11 +240,11 @@ struct FileRate {
     burst: Option<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileTls {
-    cert_file: PathBuf,
-    key_file: PathBuf,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -407,7 +408,10 @@ impl Settings {
             .unwrap_or(100_000);
 
         let admin = match args.admin_tokens {
-            Some(flag) => hashes("admin_tokens (flag)", &flag)?,
+            Some(flag) => hashes(
+                "admin_tokens (--admin-tokens / ROOMSCHED_ADMIN_TOKENS)",
+                &flag,
+            )?,
             None => hashes(
                 "auth.admin_tokens",
                 &file.auth.admin_tokens.unwrap_or_default(),
@@ -448,23 +452,23 @@ impl Settings {
             apps: app_rates.into_iter().collect(),
         };
 
-        let (cert, key) = match (args.tls_cert, args.tls_key, file.tls) {
-            (Some(c), Some(k), _) => (Some(c), Some(k)),
-            (None, None, Some(t)) => (Some(t.cert_file), Some(t.key_file)),
-            (None, None, None) => (None, None),
-            (Some(_), None, _) => {
+        let cert = args.tls_cert.or(file.tls.cert_file);
+        let key = args.tls_key.or(file.tls.key_file);
+        match (&cert, &key) {
+            (Some(_), None) => {
                 return Err(bad(
                     "tls.key_file",
-                    "--tls-cert is set but --tls-key is not",
+                    "a certificate is set (tls.cert_file / --tls-cert) but no key",
                 ))
             }
-            (None, Some(_), _) => {
+            (None, Some(_)) => {
                 return Err(bad(
                     "tls.cert_file",
-                    "--tls-key is set but --tls-cert is not",
+                    "a key is set (tls.key_file / --tls-key) but no certificate",
                 ))
             }
-        };
+            _ => {}
+        }
         let tls = match (cert, key) {
             (Some(cert), Some(key)) => {
                 let files = TlsFiles {

@@ -1,6 +1,7 @@
 //! The `roomsched` binary: parses arguments, resolves the configuration of `serve`, sets up
 //! logging, and hands over to the library (`roomsched::cli`).
 
+use clap::error::{ContextKind, ContextValue};
 use clap::Parser;
 use roomsched::cli::{self, Cli, Command};
 use roomsched::config::{LogFormat, Settings};
@@ -37,8 +38,30 @@ fn init_logging(default_level: &str, format: LogFormat) -> WorkerGuard {
     guard
 }
 
+/// When clap refuses the value of a flag that was not on the command line, the value came from
+/// its `ROOMSCHED_…` variable: name the variable, which clap's message does not.
+fn env_source(err: &clap::Error) -> Option<String> {
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let flag = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    let var = format!("ROOMSCHED_{}", flag.to_uppercase().replace('-', "_"));
+    let on_command_line =
+        std::env::args().any(|a| a == format!("--{flag}") || a.starts_with(&format!("--{flag}=")));
+    (!on_command_line && std::env::var_os(&var).is_some()).then_some(var)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) => {
+            let _ = err.print();
+            if let Some(var) = env_source(&err) {
+                eprintln!("note: the value comes from the environment variable {var}");
+            }
+            return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
+        }
+    };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(err) => {

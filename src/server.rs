@@ -13,11 +13,18 @@ use crate::grpc::pb::room_service_server::RoomServiceServer;
 use crate::grpc::{pb, AppApi, DeploymentApi, ProcessApi, RoomApi};
 use crate::Scheduler;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use tonic_health::server::{HealthReporter, HealthService};
 use tonic_health::ServingStatus;
 
 /// Settings of the transport.
@@ -80,7 +87,12 @@ pub async fn run(
     config: ServerConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = HealthReporter::default();
+    let (draining, draining_rx) = tokio::sync::watch::channel(false);
+    let health_service = HealthServer::new(HealthApi {
+        inner: HealthService::from_health_reporter(health.clone()),
+        draining: draining_rx,
+    });
     for name in SERVICES.iter().chain(&[""]) {
         health
             .set_service_status(*name, ServingStatus::Serving)
@@ -109,6 +121,7 @@ pub async fn run(
             }
             scheduler.shutdown();
             tokio::time::sleep(shutdown_delay).await;
+            draining.send_replace(true);
             tracing::info!("closing connections once the calls in flight finish");
         }
     };
@@ -170,4 +183,50 @@ pub async fn run(
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// `grpc.health.v1.Health` as tonic-health serves it, except that Watch streams end once the
+/// server stops taking connections (after they have seen NOT_SERVING), so a client watching
+/// health does not hold up the shutdown.
+struct HealthApi {
+    inner: HealthService,
+    draining: tokio::sync::watch::Receiver<bool>,
+}
+
+#[tonic::async_trait]
+impl Health for HealthApi {
+    async fn check(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = Pin<Box<dyn Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+
+    async fn watch(
+        &self,
+        request: Request<HealthCheckRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut statuses = self.inner.watch(request).await?.into_inner();
+        let mut draining = self.draining.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    status = statuses.next() => match status {
+                        Some(status) => {
+                            if tx.send(status).await.is_err() {
+                                return;
+                            }
+                        }
+                        None => return,
+                    },
+                    _ = async { drop(draining.wait_for(|d| *d).await) } => return,
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 }
