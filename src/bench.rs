@@ -92,10 +92,13 @@ pub struct BenchArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
-    /// App the bench works in (default: a new `bench-xxxxxxxx`); with an app token, its app.
+    /// App the bench works in (default: a new `bench-xxxxxxxx`). It must have no deployment yet:
+    /// the bench stops every process of its app when done. With an app token, give the
+    /// (unused) app the token is for.
     #[arg(long)]
     pub app: Option<String>,
-    /// CA certificate (PEM) of a server that serves TLS; the address is then https://.
+    /// CA certificate (PEM) that signed the certificate of a server that serves TLS; use an
+    /// https:// address (or one without a scheme).
     #[arg(long, env = "ROOMSCHED_CA_FILE")]
     pub ca_file: Option<PathBuf>,
     /// Bearer token, for a server that requires one (an admin token, or one for the bench's
@@ -357,6 +360,17 @@ async fn setup(target: &Target, app: &str, args: &BenchArgs) -> Result<(), Bench
     match target {
         Target::Grpc(channels) => {
             let mut d = DeploymentServiceClient::new(channels[0].clone());
+            // The bench stops every process of its app when it is done: never in a live app.
+            let existing = d
+                .list_deployments(pb::ListDeploymentsRequest { app_id: app.into() })
+                .await?
+                .into_inner();
+            if !existing.deployments.is_empty() {
+                return Err(BenchError::Setup(format!(
+                    "app {app:?} already has deployments: the bench needs an app of its own (it \
+                     stops every process of its app when done); give --app an unused app id"
+                )));
+            }
             d.create_deployment(pb::CreateDeploymentRequest {
                 app_id: app.into(),
                 rooms_per_process: args.rooms_per_process,

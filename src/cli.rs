@@ -89,7 +89,7 @@ pub enum ConfigCommand {
     },
 }
 
-fn config(cmd: ConfigCommand) {
+fn config(cmd: ConfigCommand) -> Result<(), CliError> {
     match cmd {
         ConfigCommand::Example => out!("{}", crate::config::EXAMPLE.trim_end()),
         ConfigCommand::HashToken { token } => {
@@ -98,9 +98,13 @@ fn config(cmd: ConfigCommand) {
                 let _ = std::io::stdin().read_line(&mut line);
                 line.trim_end_matches(['\r', '\n']).to_string()
             });
+            if token.trim().is_empty() {
+                return Err(CliError::Usage("the token is empty".into()));
+            }
             out!("{}", crate::grpc::gate::TokenHash::of(&token));
         }
     }
+    Ok(())
 }
 
 #[derive(Debug, Subcommand)]
@@ -155,7 +159,8 @@ pub struct ClientArgs {
     /// Print JSON instead of a table.
     #[arg(long, global = true)]
     pub json: bool,
-    /// CA certificate (PEM) of a server that serves TLS; the address is then https://.
+    /// CA certificate (PEM) that signed the certificate of a server that serves TLS; use an
+    /// https:// address (or one without a scheme).
     #[arg(long, env = "ROOMSCHED_CA_FILE", global = true)]
     pub ca_file: Option<PathBuf>,
     /// Bearer token, for a server that requires one.
@@ -520,7 +525,9 @@ pub async fn serve(settings: Settings) -> Result<(), CliError> {
         // Every acknowledged change is on disk; the game servers keep running and are
         // adopted again at the next start.
         StoreKind::Durable => {
-            tracing::info!("stopped; game servers keep running and are adopted at the next start");
+            tracing::info!(
+                "stopped; processes are restored (game servers adopted) at the next start"
+            );
         }
         // Nothing could adopt them: stop them (SIGTERM, SIGKILL after the grace).
         StoreKind::Memory => scheduler.stop_all_processes().await,
@@ -575,10 +582,7 @@ async fn channel(client: &ClientArgs) -> Result<Conn, CliError> {
 pub async fn run(command: Command) -> Result<(), CliError> {
     match command {
         Command::Serve(args) => serve(Settings::resolve(args)?).await,
-        Command::Config(cmd) => {
-            config(cmd);
-            Ok(())
-        }
+        Command::Config(cmd) => config(cmd),
         Command::Room(cmd) => room(cmd).await,
         Command::Process(cmd) => process(cmd).await,
         Command::Deployment(cmd) => deployment(cmd).await,
@@ -822,7 +826,9 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
                 .await?
                 .into_inner();
             let mut first = true;
+            let mut active = false;
             while let Some(info) = stream.message().await? {
+                active = info.status() == pb::ConnectionStatus::Active;
                 let v = conn_json(&info);
                 if client.json {
                     out!("{v}");
@@ -833,6 +839,13 @@ async fn room(cmd: RoomCommand) -> Result<(), CliError> {
                     print_one(false, &v);
                 }
                 first = false;
+            }
+            if !active {
+                return Err(CliError::Usage(
+                    "the watch ended before the room was ACTIVE (room destroyed, or the server \
+                     shutting down: `room get` tells which)"
+                        .into(),
+                ));
             }
         }
         RoomCommand::List {

@@ -571,15 +571,16 @@ impl Settings {
 /// The commented configuration file printed by `roomsched config example`. Every key is
 /// optional; the values shown are the defaults unless the comment says otherwise.
 pub const EXAMPLE: &str = r#"# roomsched configuration (roomsched serve --config roomsched.toml).
-# Every key is optional. Environment variables (ROOMSCHED_LISTEN, ...) override this file and
-# flags (--listen, ...) override both; `roomsched serve --help` lists them.
+# Every key is optional: as printed, this file sets the defaults, and the lines commented out
+# show optional settings to turn on. Environment variables (ROOMSCHED_LISTEN, ...) override
+# this file and flags (--listen, ...) override both; `roomsched serve --help` lists them.
 
 # gRPC address, HOST:PORT.
 listen = "127.0.0.1:50051"
 # Host players connect to (reported in exposed ports and HATHORA_HOSTNAME).
 public_host = "127.0.0.1"
 # Regions rooms may be placed in (exact, case-sensitive names). Default: the 14 Hathora regions.
-regions = ["Frankfurt", "Washington_DC", "Tokyo"]
+# regions = ["Frankfurt", "Washington_DC", "Tokyo"]
 # "pretty" or "json" (one object per line). Levels: ROOMSCHED_LOG=info,roomsched=debug
 log_format = "pretty"
 
@@ -619,26 +620,29 @@ max_message_size = 4194304
 [auth]
 # Hashes of bearer tokens (`roomsched config hash-token` makes one); never the tokens.
 # With no token configured at all, every call is allowed and a warning is logged.
-# An admin token may do everything. (This one is the hash of "admin-change-me".)
-admin_tokens = ["sha256:84cb785e7cc8d1c67faf2e9d8e647b179d4680a27544c5cd55bb2655d224cfde"]
+# An admin token may do everything. (This one is the hash of "admin-change-me": make your own.)
+# admin_tokens = ["sha256:84cb785e7cc8d1c67faf2e9d8e647b179d4680a27544c5cd55bb2655d224cfde"]
 # Whether GetConnectionInfo / WatchConnectionInfo need a token (game clients call them).
 connection_info_needs_token = false
 
 # App tokens: each only touches its own app. (The hash of "my-game-change-me".)
 [auth.apps]
-"my-game" = ["sha256:737b459455ebed8364cadb49b01f4b96a70a76b75a110f62fc081f2fc059f0fd"]
+# "my-game" = ["sha256:737b459455ebed8364cadb49b01f4b96a70a76b75a110f62fc081f2fc059f0fd"]
 
 [rate_limit]
-# Requests per second per app (token bucket); 0 = no limit.
+# Requests per second per app (token bucket); 0 = no limit. Calls that need no token
+# (connection info) count in a bucket of their own.
 requests_per_second = 0
+# The bucket's size: calls an app may make at once (default: one second's worth).
 # burst = 200
 
 # Per-app rates override the default.
-[rate_limit.apps.my-game]
-requests_per_second = 5000
-burst = 10000
+# [rate_limit.apps.my-game]
+# requests_per_second = 5000
+# burst = 10000
 
-# Serve TLS only (PEM files). Clients: roomsched --addr https://host:port --ca-file ca.pem
+# Serve TLS only (PEM files: a certificate signed by a CA, and its key). Clients:
+#   roomsched room get ... --addr https://host:port --ca-file ca.pem
 # [tls]
 # cert_file = "server.pem"
 # key_file = "server-key.pem"
@@ -659,11 +663,21 @@ mod tests {
         assert_eq!(s.store, StoreKind::Durable);
         assert_eq!(s.idle_timeout, Duration::from_secs(300));
         assert_eq!(s.default_policy.max_processes, 1000);
-        assert_eq!(s.auth.admin.len(), 1);
-        assert_eq!(s.auth.apps.len(), 1);
-        assert!(s.rate_limit.default.is_none());
-        assert_eq!(s.rate_limit.apps.len(), 1);
+        assert!(s.regions.is_none() && s.auth.is_open());
+        assert!(s.rate_limit.default.is_none() && s.rate_limit.apps.is_empty());
         assert!(s.tls.is_none() && s.metrics_listen.is_none());
+        // The optional lines are valid too.
+        let on = EXAMPLE
+            .replace("# regions = ", "regions = ")
+            .replace("# admin_tokens = ", "admin_tokens = ")
+            .replace("# \"my-game\" = ", "\"my-game\" = ")
+            .replace("# [rate_limit.apps.my-game]", "[rate_limit.apps.my-game]")
+            .replace("# requests_per_second = 5000", "requests_per_second = 5000")
+            .replace("# burst = 10000", "burst = 10000");
+        let s = Settings::from_toml(&on).unwrap();
+        assert_eq!(s.regions.as_ref().map(Vec::len), Some(3));
+        assert_eq!((s.auth.admin.len(), s.auth.apps.len()), (1, 1));
+        assert_eq!(s.rate_limit.apps.len(), 1);
     }
 
     #[test]

@@ -579,11 +579,17 @@ async fn the_example_configuration_is_accepted_and_applied() {
     assert!(
         example
             .stdout
-            .contains(&format!("admin_tokens = [\"{hash}\"]")),
+            .contains(&format!("# admin_tokens = [\"{hash}\"]")),
         "the example's admin token is not the hash of admin-change-me ({hash})"
     );
 
-    let file = dir.file("roomsched.toml", &example.stdout);
+    // As printed, the example sets the defaults; its commented-out admin token and regions
+    // are turned on here.
+    let turned_on = example
+        .stdout
+        .replace("# admin_tokens = ", "admin_tokens = ")
+        .replace("# regions = ", "regions = ");
+    let file = dir.file("roomsched.toml", &turned_on);
     let mut command = roomsched(&dir.path);
     command.args([
         "serve",

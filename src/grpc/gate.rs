@@ -28,7 +28,11 @@ impl TokenHash {
 
     /// Parses `sha256:<64 hex digits>`, as `Display` writes it.
     pub fn parse(s: &str) -> Result<TokenHash, String> {
-        let hex = s.strip_prefix("sha256:").ok_or_else(|| {
+        let hex = s
+            .get(..7)
+            .filter(|p| p.eq_ignore_ascii_case("sha256:"))
+            .map(|_| &s[7..])
+            .ok_or_else(|| {
             "expected sha256:<64 hex digits> (`roomsched config hash-token` prints it), never the token itself".to_string()
         })?;
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -40,6 +44,9 @@ impl TokenHash {
         let mut out = [0u8; 32];
         for (i, byte) in out.iter_mut().enumerate() {
             *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).expect("checked hex");
+        }
+        if TokenHash(out) == TokenHash::of("") {
+            return Err("this is the hash of the empty token, which is never accepted".into());
         }
         Ok(TokenHash(out))
     }
@@ -170,10 +177,18 @@ impl Gate {
         Fut: Future<Output = Result<T, Status>>,
     {
         let started = Instant::now();
-        let admitted = self.admit(access, req.metadata(), app_id(req.get_ref()));
-        let result = match admitted {
+        let app = app_id(req.get_ref());
+        let result = match self.admit(access, req.metadata(), app) {
             Ok(()) => handle(req.into_inner()).await,
-            Err(err) => Err(Status::from(err)),
+            Err(err) => {
+                // Refusals of a rate limit can come by the thousand: not at info.
+                if matches!(err, Error::ResourceExhausted { .. }) {
+                    tracing::debug!(app_id = app, %err, "call refused");
+                } else {
+                    tracing::info!(app_id = app, %err, "call refused");
+                }
+                Err(Status::from(err))
+            }
         };
         if let Some(metrics) = &self.metrics {
             metrics.request_done(method, result.as_ref().err(), started.elapsed());
@@ -182,12 +197,13 @@ impl Gate {
     }
 
     fn admit(&self, access: Access, metadata: &MetadataMap, app_id: &str) -> Result<(), Error> {
-        if !self.auth.is_open()
-            && (access == Access::Manage || self.auth.connection_info_needs_token)
-        {
+        let anonymous = !self.auth.is_open()
+            && access == Access::ConnectionInfo
+            && !self.auth.connection_info_needs_token;
+        if !self.auth.is_open() && !anonymous {
             self.authorize(metadata, app_id)?;
         }
-        self.take_token(app_id)
+        self.take_token(app_id, anonymous)
     }
 
     fn authorize(&self, metadata: &MetadataMap, app_id: &str) -> Result<(), Error> {
@@ -198,6 +214,7 @@ impl Gate {
                 let (scheme, token) = v.split_once(' ')?;
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             })
+            .filter(|token| !token.is_empty())
             .ok_or_else(|| {
                 Error::Unauthenticated(
                     "missing credentials: send the metadata `authorization: Bearer <token>`".into(),
@@ -227,8 +244,10 @@ impl Gate {
         }
     }
 
-    /// Takes one request from the app's bucket, or says when the next one is due.
-    fn take_token(&self, app_id: &str) -> Result<(), Error> {
+    /// Takes one request from the app's bucket, or says when the next one is due. Calls that
+    /// need no token (connection info, when tokens are configured) have a bucket of their own
+    /// per app, so anonymous callers cannot use up the limit of the app's own callers.
+    fn take_token(&self, app_id: &str, anonymous: bool) -> Result<(), Error> {
         let Some(rate) = self.rates.apps.get(app_id).or(self.rates.default.as_ref()) else {
             return Ok(());
         };
@@ -236,9 +255,15 @@ impl Gate {
         if crate::core::validate_app_id(app_id).is_err() {
             return Ok(());
         }
+        let key = if anonymous {
+            // App ids never contain '/'.
+            std::borrow::Cow::Owned(format!("{app_id}/anonymous"))
+        } else {
+            std::borrow::Cow::Borrowed(app_id)
+        };
         let now = Instant::now();
         let prune_at = self.prune_at.load(Ordering::Relaxed);
-        if self.buckets.len() >= prune_at && !self.buckets.contains_key(app_id) {
+        if self.buckets.len() >= prune_at && !self.buckets.contains_key(key.as_ref()) {
             self.buckets.retain(|_, b| {
                 b.refill(now);
                 b.tokens < f64::from(b.rate.burst)
@@ -246,7 +271,7 @@ impl Gate {
             let next = (2 * self.buckets.len()).max(PRUNE_BUCKETS_AT);
             self.prune_at.store(next, Ordering::Relaxed);
         }
-        let mut bucket = self.buckets.entry(app_id.to_string()).or_insert(Bucket {
+        let mut bucket = self.buckets.entry(key.into_owned()).or_insert(Bucket {
             rate: *rate,
             tokens: f64::from(rate.burst),
             last: now,
@@ -259,7 +284,7 @@ impl Gate {
         let wait = (1.0 - bucket.tokens) / rate.per_second;
         Err(Error::ResourceExhausted {
             message: format!(
-                "app {app_id:?} is over its rate limit of {} requests/s (burst {}); retry in {} ms",
+                "app {app_id:?} is over its rate limit ({} requests per second, burst {}); retry in {} ms",
                 rate.per_second,
                 rate.burst,
                 (wait * 1000.0).ceil()
@@ -282,6 +307,8 @@ mod tests {
         );
         assert_eq!(TokenHash::parse(&h.to_string()).unwrap(), h);
         assert!(TokenHash::parse("secret").is_err());
+        assert_eq!(TokenHash::parse(&h.to_string().to_uppercase()).unwrap(), h);
+        assert!(TokenHash::parse(&TokenHash::of("").to_string()).is_err());
         assert!(TokenHash::parse("sha256:zz").is_err());
     }
 
@@ -320,6 +347,10 @@ mod tests {
             code(gate.admit(Access::Manage, &none, "a")),
             "unauthenticated"
         );
+        assert_eq!(
+            code(gate.admit(Access::Manage, &md(""), "a")),
+            "unauthenticated"
+        );
         assert_eq!(code(gate.admit(Access::ConnectionInfo, &none, "a")), "ok");
     }
 
@@ -347,5 +378,34 @@ mod tests {
             other => panic!("{other:?}"),
         }
         gate.admit(Access::Manage, &none, "b").unwrap();
+    }
+
+    #[test]
+    fn anonymous_connection_info_calls_have_a_bucket_of_their_own() {
+        let gate = Gate::new(
+            AuthConfig {
+                admin: vec![TokenHash::of("root")],
+                apps: vec![],
+                connection_info_needs_token: false,
+            },
+            RateLimitConfig {
+                default: Some(Rate {
+                    per_second: 0.001,
+                    burst: 2,
+                }),
+                apps: HashMap::new(),
+            },
+            None,
+        );
+        let none = MetadataMap::new();
+        for _ in 0..2 {
+            gate.admit(Access::ConnectionInfo, &none, "a").unwrap();
+        }
+        assert!(gate.admit(Access::ConnectionInfo, &none, "a").is_err());
+        // The app's own callers still have their whole burst.
+        for _ in 0..2 {
+            gate.admit(Access::Manage, &md("root"), "a").unwrap();
+        }
+        assert!(gate.admit(Access::Manage, &md("root"), "a").is_err());
     }
 }
