@@ -98,10 +98,12 @@ fn config(cmd: ConfigCommand) -> Result<(), CliError> {
                 let _ = std::io::stdin().read_line(&mut line);
                 line.trim_end_matches(['\r', '\n']).to_string()
             });
-            if token.trim().is_empty() {
+            // The server trims the token it is sent: hash what it will compare.
+            let token = token.trim();
+            if token.is_empty() {
                 return Err(CliError::Usage("the token is empty".into()));
             }
-            out!("{}", crate::grpc::gate::TokenHash::of(&token));
+            out!("{}", crate::grpc::gate::TokenHash::of(token));
         }
     }
     Ok(())
@@ -524,16 +526,28 @@ pub async fn serve(settings: Settings) -> Result<(), CliError> {
     match settings.store {
         // Every acknowledged change is on disk; the game servers keep running and are
         // adopted again at the next start.
-        StoreKind::Durable => {
-            tracing::info!(
-                "stopped; processes are restored (game servers adopted) at the next start"
-            );
-        }
+        StoreKind::Durable => match settings.backend {
+            BackendKind::Local => tracing::info!(
+                "stopped; game servers keep running and are adopted at the next start"
+            ),
+            BackendKind::Simulated => {
+                tracing::info!("stopped; processes are restored at the next start")
+            }
+        },
         // Nothing could adopt them: stop them (SIGTERM, SIGKILL after the grace).
         StoreKind::Memory => scheduler.stop_all_processes().await,
     }
-    if let Some(task) = metrics_server {
-        let _ = task.await;
+    if let Some(mut task) = metrics_server {
+        // A scrape that never finishes (a client that stalls) must not keep us from exiting.
+        if tokio::time::timeout(settings.shutdown_timeout, &mut task)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "metrics connections still open after the shutdown timeout; closing them"
+            );
+            task.abort();
+        }
     }
     Ok(())
 }

@@ -142,8 +142,17 @@ pub struct ServeArgs {
     pub log_format: Option<LogFormat>,
 }
 
+/// Longest duration any setting takes: timers are armed as an instant plus the duration, which
+/// must not overflow.
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 pub(crate) fn duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{e} (write durations like 100ms, 2s, 5m)"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like 100ms, 2s, 5m)"))?;
+    if d > MAX_DURATION {
+        return Err("longer than the longest allowed, 10 years".into());
+    }
+    Ok(d)
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -332,10 +341,10 @@ fn hashes(key: &str, values: &[String]) -> Result<Vec<TokenHash>, ConfigError> {
 }
 
 fn rate(key: &str, per_second: f64, burst: Option<u32>) -> Result<Rate, ConfigError> {
-    if !per_second.is_finite() || per_second <= 0.0 {
+    if !per_second.is_finite() || per_second < 0.001 {
         return Err(bad(
-            &format!("{key}.requests_per_second"),
-            format!("{per_second} is not a positive number"),
+            &format!("{key}.requests_per_second (--rate-limit)"),
+            format!("{per_second} is not a number of at least 0.001"),
         ));
     }
     let burst = burst.unwrap_or(per_second.ceil() as u32);
@@ -419,9 +428,8 @@ impl Settings {
         };
         let mut apps = Vec::new();
         for (app, tokens) in &file.auth.apps {
-            if app.is_empty() {
-                return Err(bad("auth.apps", "an app id cannot be empty"));
-            }
+            crate::core::validate_app_id(app)
+                .map_err(|_| bad("auth.apps", format!("{app:?} is not a valid app id")))?;
             for hash in hashes(&format!("auth.apps.{app}"), tokens)? {
                 apps.push((app.clone(), hash));
             }
@@ -437,7 +445,7 @@ impl Settings {
             .or(file.rate_limit.requests_per_second)
             .unwrap_or(0.0);
         let burst = args.rate_limit_burst.or(file.rate_limit.burst);
-        let default_rate = if per_second == 0.0 && burst.is_none() {
+        let default_rate = if per_second == 0.0 {
             None
         } else {
             Some(rate("rate_limit", per_second, burst)?)
@@ -445,6 +453,8 @@ impl Settings {
         let mut app_rates = BTreeMap::new();
         for (app, r) in file.rate_limit.apps {
             let key = format!("rate_limit.apps.{app}");
+            crate::core::validate_app_id(&app)
+                .map_err(|_| bad(&key, format!("{app:?} is not a valid app id")))?;
             app_rates.insert(app, rate(&key, r.requests_per_second, r.burst)?);
         }
         let rate_limit = RateLimitConfig {
@@ -504,7 +514,7 @@ impl Settings {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| "127.0.0.1:50051".into());
-        if metrics_listen.as_deref() == Some(listen.as_str()) {
+        if metrics_listen.as_deref() == Some(listen.as_str()) && !listen.ends_with(":0") {
             return Err(bad(
                 "metrics.listen",
                 format!("{listen} is also the gRPC listen address"),
@@ -710,6 +720,12 @@ mod tests {
                 "[rate_limit]\nrequests_per_second = -1",
                 "rate_limit.requests_per_second",
             ),
+            (
+                "[rate_limit]\nrequests_per_second = 1e-30",
+                "rate_limit.requests_per_second",
+            ),
+            ("[timeouts]\nstart = \"500000000000y\"", "timeouts.start"),
+            ("[auth.apps]\n\"bad app!\" = []", "auth.apps"),
             (
                 "[rate_limit.apps.g]\nrequests_per_second = 5\nburst = 0",
                 "rate_limit.apps.g.burst",

@@ -167,7 +167,7 @@ pub async fn run(
                 .max_encoding_message_size(max),
         )
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
-    let drain_timeout = shutdown_delay + config.drain_timeout;
+    let drain_timeout = shutdown_delay.saturating_add(config.drain_timeout);
     let deadline = async move {
         if shutdown_started.await.is_err() {
             std::future::pending::<()>().await;

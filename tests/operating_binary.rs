@@ -1332,3 +1332,39 @@ async fn sigterm_right_after_the_listening_line_stops_the_server() {
         }
     }
 }
+
+// ----- a stalled metrics scrape does not hold up the shutdown ------------------------------------
+
+/// A scraper that sends half a request and then nothing keeps its connection to the metrics
+/// endpoint open; SIGTERM must still end the server (exit 0) within its shutdown timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_metrics_client_does_not_hold_up_the_shutdown() {
+    let dir = TempDir::new("metrics-stall");
+    let [metrics_port] = free_ports::<1>();
+    let mut command = roomsched(&dir.path);
+    command.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        "memory",
+        "--shutdown-timeout",
+        "1s",
+        "--metrics-listen",
+    ]);
+    command.arg(format!("127.0.0.1:{metrics_port}"));
+    let mut server = Server::start(command);
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("connect");
+    std::io::Write::write_all(&mut stalled, b"GET /metrics HTTP/1.1\r\nHost: x\r\n").expect("send");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let sent = server.sigterm();
+    let status = server.wait_exit(DEADLINE).await;
+    let took = sent.elapsed();
+    assert!(
+        status.success() && took < Duration::from_secs(5),
+        "exit {status} {took:?} after SIGTERM with a stalled metrics client (shutdown timeout \
+         1 s); stderr:\n{}",
+        server.log()
+    );
+    drop(stalled);
+}

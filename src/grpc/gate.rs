@@ -197,13 +197,16 @@ impl Gate {
     }
 
     fn admit(&self, access: Access, metadata: &MetadataMap, app_id: &str) -> Result<(), Error> {
-        let anonymous = !self.auth.is_open()
-            && access == Access::ConnectionInfo
-            && !self.auth.connection_info_needs_token;
-        if !self.auth.is_open() && !anonymous {
-            self.authorize(metadata, app_id)?;
+        if self.auth.is_open() {
+            return self.take_token(app_id, false);
         }
-        self.take_token(app_id, anonymous)
+        if access == Access::ConnectionInfo && !self.auth.connection_info_needs_token {
+            // Open to anyone; a caller with a valid token still counts as the app's own.
+            let anonymous = self.authorize(metadata, app_id).is_err();
+            return self.take_token(app_id, anonymous);
+        }
+        self.authorize(metadata, app_id)?;
+        self.take_token(app_id, false)
     }
 
     fn authorize(&self, metadata: &MetadataMap, app_id: &str) -> Result<(), Error> {
@@ -289,7 +292,7 @@ impl Gate {
                 rate.burst,
                 (wait * 1000.0).ceil()
             ),
-            retry_after: Duration::from_secs_f64(wait),
+            retry_after: Duration::try_from_secs_f64(wait).unwrap_or(Duration::MAX),
         })
     }
 }
