@@ -20,6 +20,8 @@
 
 mod serve;
 
+use serve::TempDir;
+
 use pb::deployment_service_client::DeploymentServiceClient;
 use pb::process_service_client::ProcessServiceClient;
 use pb::room_service_client::RoomServiceClient;
@@ -28,7 +30,7 @@ use rand::{Rng, SeedableRng};
 use roomsched::grpc::pb;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -48,34 +50,6 @@ const KILL_AFTER_MS: std::ops::RangeInclusive<u64> = 100..=600;
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the server may take to start (and recover), or processes to settle.
 const DEADLINE: Duration = Duration::from_secs(30);
-
-// ----- temporary directories ---------------------------------------------------------------------
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "roomsched-crash-{test}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).expect("create the test's temp dir");
-        TempDir { path }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 // ----- the real binary ------------------------------------------------------------------------
 

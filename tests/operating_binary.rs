@@ -15,6 +15,8 @@
 
 mod serve;
 
+use serve::TempDir;
+
 use pb::deployment_service_client::DeploymentServiceClient;
 use pb::process_service_client::ProcessServiceClient;
 use pb::room_service_client::RoomServiceClient;
@@ -25,7 +27,7 @@ use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -46,40 +48,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// server keeps answering this long before it stops taking connections.
 const SHUTDOWN_DELAY: Duration = Duration::from_millis(500);
 const APP: &str = "opbin-game";
-
-// ----- temporary directories ---------------------------------------------------------------------
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(test: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "roomsched-opbin-{test}-{}-{nanos}",
-            std::process::id()
-        ));
-        std::fs::create_dir_all(&path).expect("create the test's temp dir");
-        TempDir { path }
-    }
-
-    fn file(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.path.join(name);
-        std::fs::write(&path, text).expect("write a test file");
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 /// A port nothing listens on right now (bound once on 127.0.0.1:0 and released).
 fn free_ports<const N: usize>() -> [u16; N] {
