@@ -25,7 +25,7 @@ use rand::{Rng, SeedableRng};
 use roomsched::grpc::pb;
 use serde_json::Value;
 use std::collections::{BTreeSet, HashMap};
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -148,63 +148,6 @@ impl Server {
             stderr,
             stderr_done,
         } = serve::spawn(command, DEADLINE);
-        Server {
-            child,
-            addr,
-            stderr,
-            stderr_done,
-        }
-    }
-
-    /// Starts a server that logs JSON lines: its address is the `addr` field of the
-    /// "roomsched listening" object.
-    fn start_json(mut command: Command) -> Server {
-        let mut child = command
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run roomsched serve");
-        let pipe = child.stderr.take().expect("stderr");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let stderr_done = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        {
-            let (lines, done) = (Arc::clone(&stderr), Arc::clone(&stderr_done));
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    lines.lock().unwrap().push(line.clone());
-                    let _ = tx.send(line);
-                }
-                done.store(true, Ordering::SeqCst);
-            });
-        }
-        let deadline = Instant::now() + DEADLINE;
-        let addr = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    let Ok(v) = serde_json::from_str::<Value>(&line) else {
-                        continue; // every line is checked to be JSON later
-                    };
-                    if v["fields"]["message"] == "roomsched listening" {
-                        break v["fields"]["addr"]
-                            .as_str()
-                            .unwrap_or_else(|| panic!("no fields.addr in {line}"))
-                            .to_string();
-                    }
-                }
-                Err(e) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!(
-                        "roomsched serve --log-format json did not say where it listens ({e}); \
-                         stderr:\n{}",
-                        stderr.lock().unwrap().join("\n")
-                    );
-                }
-            }
-        };
         Server {
             child,
             addr,
@@ -749,7 +692,7 @@ async fn json_logs_are_one_object_per_line_with_the_request_id() {
         "--log-format",
         "json",
     ]);
-    let mut server = Server::start_json(command);
+    let mut server = Server::start(command);
     let channel = connect(&server.addr).await;
     create_deployment(&channel).await;
     let request_id = "opbin-json-req-7";

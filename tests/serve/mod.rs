@@ -20,9 +20,23 @@ pub struct Spawned {
     pub stderr_done: Arc<AtomicBool>,
 }
 
+/// The address in a "roomsched listening" line: `addr=HOST:PORT` in a pretty line, the
+/// `fields.addr` of a JSON one (`--log-format json`).
+fn listen_addr(line: &str) -> String {
+    if let Ok(v) = serde_json::from_str::<serde_json::Value>(line) {
+        if let Some(addr) = v["fields"]["addr"].as_str() {
+            return addr.to_string();
+        }
+    }
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix("addr="))
+        .unwrap_or_else(|| panic!("no addr in {line:?}"))
+        .to_string()
+}
+
 /// Runs `command` (a `roomsched serve`, possibly behind a shell) with stdin and stdout closed
-/// and stderr captured; waits up to `deadline` for it to say where it listens, and panics with
-/// its stderr if it does not.
+/// and stderr captured; waits up to `deadline` for it to say where it listens (pretty or JSON
+/// logs), and panics with its stderr if it does not.
 pub fn spawn(mut command: Command, deadline: Duration) -> Spawned {
     let mut child = command
         .stdin(Stdio::null())
@@ -48,13 +62,7 @@ pub fn spawn(mut command: Command, deadline: Duration) -> Spawned {
     let addr = loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains("roomsched listening") => {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .unwrap_or_else(|| panic!("no addr= in {line:?}"));
-                break addr.to_string();
-            }
+            Ok(line) if line.contains("roomsched listening") => break listen_addr(&line),
             Ok(_) => {}
             Err(e) => {
                 let _ = child.kill();
