@@ -17,6 +17,10 @@ use common::InstantBackend;
 use roomsched::{CreateRoom, DeploymentSpec, ProcessFilter, ProcessStatus, Scheduler};
 use std::time::{Duration, Instant};
 
+/// The allocator the `roomsched` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const APP: &str = "bench";
 
 /// A scheduler with `n` RUNNING processes of 4 slots each, every one holding 2 rooms.

@@ -254,15 +254,16 @@ fn process_not_found(pid: ProcessId) -> Error {
 /// 13 lowercase base-36 characters.
 fn generate_room_id() -> String {
     const ALPHABET: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    // 13 base-36 digits of one random 128-bit number (36^13 < 2^68): one RNG call, not 13.
-    let mut n: u128 = rand::random();
-    (0..13)
-        .map(|_| {
-            let digit = (n % 36) as usize;
-            n /= 36;
-            ALPHABET[digit] as char
-        })
-        .collect()
+    // 13 base-36 digits (~67 bits): 12 from one random u64 (36^12 < 2^64), one from another.
+    // 64-bit arithmetic: dividing a u128 is a slow library call.
+    let (mut n, last): (u64, u64) = rand::random();
+    let mut id = [0u8; 13];
+    for digit in &mut id[..12] {
+        *digit = ALPHABET[(n % 36) as usize];
+        n /= 36;
+    }
+    id[12] = ALPHABET[(last % 36) as usize];
+    String::from_utf8(id.to_vec()).expect("the alphabet is ASCII")
 }
 
 /// Configures and builds a [`Scheduler`].
@@ -657,23 +658,28 @@ impl Scheduler {
             }
             (out, self.append(&mut txn))
         };
-        let mut unfinished = Unfinished {
-            scheduler: self.clone(),
-            app: Arc::clone(app),
-            region,
-            rest: Some((txn, commit)),
-        };
-        if let Some((_, Some(Commit::Pending(flushed)))) = unfinished.rest.as_mut() {
-            // Cancelled here (the caller went away while the store flushed), `unfinished`
-            // finishes the change in a task of its own.
-            let result = flushed.await;
-            if let Some((_, commit)) = unfinished.rest.as_mut() {
-                *commit = Some(Commit::Done(
-                    result.unwrap_or_else(|_| Err(Commit::stopped())),
-                ));
+        let (txn, commit) = if matches!(commit, Some(Commit::Pending(_))) {
+            let mut unfinished = Unfinished {
+                scheduler: self.clone(),
+                app: Arc::clone(app),
+                region,
+                rest: Some((txn, commit)),
+            };
+            if let Some((_, Some(Commit::Pending(flushed)))) = unfinished.rest.as_mut() {
+                // Cancelled here (the caller went away while the store flushed), `unfinished`
+                // finishes the change in a task of its own.
+                let result = flushed.await;
+                if let Some((_, commit)) = unfinished.rest.as_mut() {
+                    *commit = Some(Commit::Done(
+                        result.unwrap_or_else(|_| Err(Commit::stopped())),
+                    ));
+                }
             }
-        }
-        let (txn, commit) = unfinished.rest.take().expect("taken only here and on drop");
+            unfinished.rest.take().expect("taken only here and on drop")
+        } else {
+            // Nothing to wait for: `finish` runs its effects before it first suspends.
+            (txn, commit)
+        };
         self.finish(app, region, txn, commit).await?;
         out
     }

@@ -129,18 +129,32 @@ impl Txn {
     }
 }
 
+/// A process's place in its tier: rank by free slots, then the time (seconds, nanoseconds),
+/// then the process id as a number (the same order as `ProcessId`'s). Plain integers: the
+/// index compares keys several times per placement.
+type Rank = (u32, i64, u32, u128);
+
+fn rank_key(rank: u32, at: DateTime<Utc>, id: ProcessId) -> Rank {
+    (
+        rank,
+        at.timestamp(),
+        at.timestamp_subsec_nanos(),
+        id.as_u128(),
+    )
+}
+
 /// Which placement tier a process is in, and its rank within the tier.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct IndexKey {
     running: bool,
-    key: (u32, DateTime<Utc>, ProcessId),
+    key: Rank,
 }
 
 /// Processes of one deployment that can take a room, best first, and what they add up to.
 #[derive(Debug, Default)]
 struct DeploymentIndex {
-    running: BTreeSet<(u32, DateTime<Utc>, ProcessId)>,
-    starting: BTreeSet<(u32, DateTime<Utc>, ProcessId)>,
+    running: BTreeSet<Rank>,
+    starting: BTreeSet<Rank>,
     /// RUNNING processes and STARTING ones without a drain request (full ones included).
     available_processes: u32,
     /// Free slots on those processes.
@@ -207,7 +221,7 @@ impl ProcessEntry {
         match self.process.status {
             ProcessStatus::Running => Some(IndexKey {
                 running: true,
-                key: (
+                key: rank_key(
                     rank,
                     self.process.started_at.unwrap_or(self.process.created_at),
                     id,
@@ -215,7 +229,7 @@ impl ProcessEntry {
             }),
             ProcessStatus::Starting if !self.drain_requested => Some(IndexKey {
                 running: false,
-                key: (rank, self.process.created_at, id),
+                key: rank_key(rank, self.process.created_at, id),
             }),
             _ => None,
         }
@@ -715,7 +729,7 @@ impl ShardState {
         idx.running
             .first()
             .or_else(|| idx.starting.first())
-            .map(|k| k.2)
+            .map(|k| ProcessId::from_u128(k.3))
     }
 
     // ----- placement ---------------------------------------------------------------------
@@ -775,7 +789,11 @@ impl ShardState {
         );
         self.record_room(ctx, room_id, txn);
         let second = ctx.now.timestamp();
-        let created = self.rooms_created.entry(second).or_default();
+        // Almost always the latest second: no search of the whole history for it.
+        let created = match self.rooms_created.last_entry() {
+            Some(last) if *last.key() == second => last.into_mut(),
+            _ => self.rooms_created.entry(second).or_default(),
+        };
         *created += 1;
         if let Some(records) = txn.records.as_mut() {
             records.push(Record::RoomsCreated {
