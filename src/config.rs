@@ -108,7 +108,7 @@ pub struct ServeArgs {
     #[arg(long, env = "ROOMSCHED_BUFFER_ROOMS")]
     pub buffer_rooms: Option<u32>,
     /// How many destroyed rooms stay readable, server-wide (the oldest beyond it are forgotten
-    /// in batches of a 64th of it) [file: limits.retained_rooms; default 100000].
+    /// in batches of a 64th of it, at most 256) [file: limits.retained_rooms; default 100000].
     #[arg(long, env = "ROOMSCHED_RETAINED_ROOMS")]
     pub retained_rooms: Option<usize>,
     /// Largest gRPC message, in bytes [file: limits.max_message_size; default 4194304].

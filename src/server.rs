@@ -141,7 +141,9 @@ pub async fn run(
                 Some(id) => id.chars().take(64).collect::<String>(),
                 None => format!("{:x}", next_id.fetch_add(1, Ordering::Relaxed)),
             };
-            tracing::info_span!("request", id, method = req.uri().path())
+            // Display, not Debug: a header value and a path need no escaping, and the span's
+            // fields are formatted on every call.
+            tracing::info_span!("request", id = %id, method = %req.uri().path())
         })
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -118,6 +118,18 @@ pub(crate) struct Txn {
     pub(crate) destroyed: Vec<String>,
     /// Something a connection-info watcher may care about changed.
     pub(crate) notify: bool,
+    /// Room lines to log once the change is durable (empty when they are filtered out):
+    /// formatting them under the shard lock would hold up the region's other calls, and a
+    /// change the store refuses is not logged as made.
+    pub(crate) room_lines: Vec<RoomLine>,
+}
+
+/// A room placed or destroyed, for the `roomsched::rooms` log.
+#[derive(Debug)]
+pub(crate) struct RoomLine {
+    pub(crate) placed: bool,
+    pub(crate) room_id: String,
+    pub(crate) process_id: ProcessId,
 }
 
 impl Txn {
@@ -125,6 +137,17 @@ impl Txn {
         Txn {
             records: wants_records.then(Vec::new),
             ..Default::default()
+        }
+    }
+
+    /// Queues a room line, if room lines are logged at all.
+    pub(crate) fn room_line(&mut self, placed: bool, room_id: &str, process_id: ProcessId) {
+        if tracing::enabled!(target: ROOM_LOG, tracing::Level::INFO) {
+            self.room_lines.push(RoomLine {
+                placed,
+                room_id: room_id.to_string(),
+                process_id,
+            });
         }
     }
 }
@@ -924,7 +947,7 @@ impl ShardState {
             if destroy {
                 r.destroyed = true;
                 txn.destroyed.push(room_id.to_string());
-                tracing::info!(target: ROOM_LOG, app_id = ctx.app_id, room_id, process_id = %pid, "room destroyed");
+                txn.room_line(false, room_id, pid);
             }
         }
         if let Some(p) = self.processes.get_mut(&pid) {
