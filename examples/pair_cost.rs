@@ -1,0 +1,98 @@
+//! CreateRoom+DestroyRoom pairs in the library, for counting instructions with callgrind
+//! (exact counts, unlike times on a shared machine): `scripts/pair_instructions.sh` runs this
+//! twice, with 0 and with N pairs after the same set-up, and divides the difference by N.
+//!
+//! Set-up as in `benches/placement.rs`: one region, `PROCESSES` running processes of 4 slots
+//! each holding 2 rooms, and enough pairs first that the retention window of destroyed rooms
+//! (100,000) is full and forgetting, as in a long-running scheduler.
+//!
+//! Run: `cargo run --release --example pair_cost -- [PROCESSES] [PAIRS]`
+
+use roomsched::backend::{Backend, BackendError, ProcessEvents, StartSpec};
+use roomsched::{CreateRoom, DeploymentSpec, ExposedPort, ProcessId, Scheduler, TransportType};
+use std::time::{Duration, Instant};
+
+/// The allocator the `roomsched` binary uses.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+const APP: &str = "bench";
+
+/// Processes bind the moment they start: keeps the backend out of the count.
+struct InstantBackend;
+
+impl Backend for InstantBackend {
+    fn name(&self) -> &'static str {
+        "instant"
+    }
+
+    fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
+        let port = ExposedPort {
+            host: "127.0.0.1".into(),
+            name: "default".into(),
+            port: 7777,
+            transport_type: TransportType::Tcp,
+        };
+        ProcessEvents::bound(&spec.events, spec.process_id, port, vec![]);
+        Ok(())
+    }
+
+    fn stop(&self, _process_id: ProcessId, _grace: Duration) {}
+}
+
+fn room() -> CreateRoom {
+    CreateRoom {
+        app_id: APP.into(),
+        region: "Frankfurt".into(),
+        ..Default::default()
+    }
+}
+
+async fn pairs(s: &Scheduler, n: u64) {
+    for _ in 0..n {
+        let r = s.create_room(room()).await.expect("create");
+        s.destroy_room(APP, &r.room_id).await.expect("destroy");
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let processes: u32 = args
+        .next()
+        .map_or(10_000, |a| a.parse().expect("PROCESSES"));
+    let measured: u64 = args.next().map_or(1_000_000, |a| a.parse().expect("PAIRS"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let s = Scheduler::builder()
+            .regions(["Frankfurt"])
+            .backend(InstantBackend)
+            .max_processes(processes)
+            .build()
+            .expect("scheduler");
+        let spec = DeploymentSpec {
+            rooms_per_process: 4,
+            container_port: 7777,
+            ..Default::default()
+        };
+        s.create_deployment(APP, spec).await.expect("deployment");
+        for _ in 0..processes {
+            s.create_process(APP, "Frankfurt", None)
+                .await
+                .expect("process");
+        }
+        s.settle().await;
+        for _ in 0..2 * processes {
+            s.create_room(room()).await.expect("room");
+        }
+        pairs(&s, 110_000).await;
+        let started = Instant::now();
+        pairs(&s, measured).await;
+        if measured > 0 {
+            let ns = started.elapsed().as_nanos() / u128::from(measured);
+            println!("{measured} pairs at {processes} processes: {ns} ns per pair");
+        }
+    });
+}
