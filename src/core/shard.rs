@@ -168,7 +168,7 @@ fn rank_key(rank: u32, at: DateTime<Utc>, id: ProcessId) -> Rank {
 /// The processes of one placement tier, grouped by rank, each group in order. Taking or
 /// freeing a slot moves a process to the neighbouring rank: one removal from its group and one
 /// insertion into the other, where a single ordered set of all keys would remove and insert in
-/// the whole tier (the set operations were half the cost of a placement).
+/// the whole tier (that was the largest single part of a placement's cost; BENCHMARKS.md).
 #[derive(Debug, Default)]
 struct Tier {
     /// Never holds an empty group, so the first group holds the best process.
