@@ -1683,4 +1683,144 @@ mod tests {
             .values()
             .all(|i| i.running.len() + i.starting.len() == 1));
     }
+
+    /// The index holds exactly the processes that can take a room, each in its tier and at its
+    /// rank, with no empty group and counters that match a recount.
+    fn check_index(state: &ShardState, step: usize) {
+        let mut expected: Vec<(u32, bool, Rank)> = vec![];
+        for e in state.processes.values() {
+            if let Some(k) = e.index_key() {
+                expected.push((e.process.deployment_id, k.running, k.key));
+            }
+        }
+        let mut actual: Vec<(u32, bool, Rank)> = vec![];
+        for (dep, idx) in &state.index {
+            for (running, tier) in [(true, &idx.running), (false, &idx.starting)] {
+                for (rank, group) in &tier.by_rank {
+                    assert!(!group.is_empty(), "step {step}: empty group {rank}");
+                    for o in group {
+                        actual.push((*dep, running, (*rank, *o)));
+                    }
+                }
+            }
+            // counters
+            let (mut procs, mut free) = (0u32, 0u64);
+            for e in state
+                .processes
+                .values()
+                .filter(|e| e.process.deployment_id == *dep)
+            {
+                let s = e.pool_share();
+                procs += s.0;
+                free += s.1;
+            }
+            assert_eq!(
+                (idx.available_processes, idx.free_slots),
+                (procs, free),
+                "step {step}"
+            );
+        }
+        expected.sort();
+        actual.sort();
+        assert_eq!(actual, expected, "step {step}: index vs processes");
+        let live = state
+            .processes
+            .values()
+            .filter(|e| e.process.status.is_live())
+            .count() as u32;
+        assert_eq!(live, state.live_processes, "step {step}");
+    }
+
+    #[test]
+    fn random_operations_keep_the_grouped_index_exact() {
+        use rand::{Rng, SeedableRng};
+        for seed in 0..400u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let strategy = if seed % 2 == 0 {
+                PlacementStrategy::MostFree
+            } else {
+                PlacementStrategy::FewestFree
+            };
+            let mut f = Fixture::new(rng.random_range(1..=4), strategy);
+            f.state.policy.max_processes = 6;
+            let dep2 = Arc::new(Deployment {
+                deployment_id: 2,
+                rooms_per_process: rng.random_range(1..=4),
+                placement_strategy: if seed % 3 == 0 {
+                    PlacementStrategy::FewestFree
+                } else {
+                    PlacementStrategy::MostFree
+                },
+                ..(*f.dep).clone()
+            });
+            let mut live_rooms: Vec<String> = vec![];
+            let mut n = 0;
+            for step in 0..300 {
+                let sec = rng.random_range(0..5); // many ties
+                let limits = f.limits.clone();
+                let c = ctx(&limits, sec);
+                let pids: Vec<ProcessId> = f.state.processes.keys().copied().collect();
+                let pick = |rng: &mut rand::rngs::StdRng| pids[rng.random_range(0..pids.len())];
+                let mut txn = Txn::new(false);
+                match rng.random_range(0..100) {
+                    0..=39 => {
+                        n += 1;
+                        let id = format!("x{n}");
+                        let dep = if rng.random_bool(0.3) {
+                            Arc::clone(&dep2)
+                        } else {
+                            Arc::clone(&f.dep)
+                        };
+                        if f.state
+                            .create_room(&c, &dep, &id, String::new(), false, &mut txn)
+                            .is_ok()
+                        {
+                            live_rooms.push(id);
+                        }
+                    }
+                    40..=59 if !live_rooms.is_empty() => {
+                        let i = rng.random_range(0..live_rooms.len());
+                        let id = live_rooms[i].clone();
+                        let _ = f.state.destroy_room(&c, &id, &mut txn);
+                        if rng.random_bool(0.8) {
+                            live_rooms.remove(i);
+                        }
+                    }
+                    60..=64 if !pids.is_empty() => {
+                        let _ = f.state.drain(&c, pick(&mut rng), &mut txn);
+                    }
+                    65..=69 if !pids.is_empty() => {
+                        f.state.stop(&c, pick(&mut rng), "t", &mut txn);
+                    }
+                    70..=84 if !pids.is_empty() => {
+                        let p = pick(&mut rng);
+                        f.bind(p, sec);
+                    }
+                    85..=92 if !pids.is_empty() => {
+                        let st = if rng.random_bool(0.5) {
+                            ExitStatus::Code(0)
+                        } else {
+                            ExitStatus::Code(1)
+                        };
+                        f.state.on_exit(&c, pick(&mut rng), st, &mut txn);
+                    }
+                    93..=95 if !pids.is_empty() => {
+                        f.state.on_start_timeout(&c, pick(&mut rng), &mut txn);
+                    }
+                    _ => {
+                        let dep = if rng.random_bool(0.5) {
+                            Arc::clone(&dep2)
+                        } else {
+                            Arc::clone(&f.dep)
+                        };
+                        let _ = f.state.new_process(&c, &dep, None, &mut txn);
+                    }
+                }
+                check_index(&f.state, step);
+                for e in f.state.processes.values() {
+                    assert!(e.rooms.len() as u32 <= e.process.rooms_per_process);
+                }
+            }
+        }
+    }
 }
