@@ -62,12 +62,15 @@ pub struct BenchArgs {
     /// HTTP/2 connections the workers share.
     #[arg(long, default_value_t = 2)]
     pub connections: usize,
-    /// How long to measure (after a warm-up of a tenth of it, at most 2 s).
+    /// How long to measure (after a warm-up of a tenth of it, at most 2 s). In open loop every
+    /// request that fell due within it is sent and counted, so a server that falls behind the
+    /// rate makes the run last longer.
     #[arg(long, value_parser = crate::cli::duration, default_value = "10s")]
     pub duration: Duration,
     /// Regions the rooms go to, round-robin (must be configured on the server).
     #[arg(long, value_delimiter = ',', default_value = "Frankfurt")]
     pub regions: Vec<String>,
+    /// Rooms per process of the deployment the bench creates for its app.
     #[arg(long, default_value_t = 100)]
     pub rooms_per_process: u32,
     /// Open loop: requests per second due at a fixed rate (default: closed loop).

@@ -199,6 +199,7 @@ pub enum RoomCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The room id.
         room_id: String,
     },
     /// Destroy a room and free its slot.
@@ -208,6 +209,7 @@ pub enum RoomCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The room id.
         room_id: String,
     },
     /// Show where players of a room connect.
@@ -217,6 +219,7 @@ pub enum RoomCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The room id.
         room_id: String,
     },
     /// Follow a room's connection info until it is ACTIVE or destroyed.
@@ -226,6 +229,7 @@ pub enum RoomCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The room id.
         room_id: String,
     },
     /// List the rooms on a process (active by default).
@@ -256,6 +260,7 @@ pub enum ProcessCommand {
         /// A configured region, e.g. Frankfurt.
         #[arg(long)]
         region: String,
+        /// Deployment to use (default: the latest).
         #[arg(long)]
         deployment: Option<u32>,
     },
@@ -266,6 +271,7 @@ pub enum ProcessCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The process id.
         process_id: String,
     },
     /// List processes, newest first.
@@ -292,6 +298,7 @@ pub enum ProcessCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The process id.
         process_id: String,
     },
     /// Destroy the process's rooms and stop it now.
@@ -301,6 +308,7 @@ pub enum ProcessCommand {
         /// The app (game) id.
         #[arg(long)]
         app: String,
+        /// The process id.
         process_id: String,
     },
 }
@@ -390,7 +398,7 @@ pub enum CliError {
     Connect(#[from] crate::client::ConnectError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    #[error("{} ({:?})", .0.message(), .0.code())]
+    #[error("{}", describe_status(.0))]
     Call(#[from] tonic::Status),
     #[error(transparent)]
     Server(#[from] server::ServerError),
@@ -400,6 +408,21 @@ pub enum CliError {
     Scheduler(#[from] crate::Error),
     #[error("bench: {0}")]
     Bench(#[from] crate::bench::BenchError),
+}
+
+/// A failed call's message and code, with a hint where the transport's own words say little.
+fn describe_status(status: &tonic::Status) -> String {
+    let mut text = format!("{} ({:?})", status.message(), status.code());
+    // What a plaintext client gets from a server that speaks TLS: which one depends on when
+    // the server hangs up.
+    let message = status.message();
+    if message.starts_with("h2 protocol error")
+        || message == "operation was canceled"
+        || message == "transport error"
+    {
+        text.push_str("; the connection failed: if the server uses TLS, connect with an https:// address and --ca-file");
+    }
+    text
 }
 
 /// Runs `roomsched serve` until SIGINT or SIGTERM.
@@ -1323,5 +1346,25 @@ fn print_table(columns: &[&str], rows: Vec<Value>) {
     }
     if rows.is_empty() {
         out!("(none)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::describe_status;
+
+    #[test]
+    fn a_failed_connection_gets_the_tls_hint_and_a_refusal_does_not() {
+        for status in [
+            tonic::Status::internal("h2 protocol error: http2 error"),
+            tonic::Status::cancelled("operation was canceled"),
+            tonic::Status::unknown("transport error"),
+        ] {
+            let text = describe_status(&status);
+            assert!(text.starts_with(status.message()), "{text}");
+            assert!(text.contains("https:// address and --ca-file"), "{text}");
+        }
+        let refused = tonic::Status::not_found("room \"x\" not found");
+        assert_eq!(describe_status(&refused), "room \"x\" not found (NotFound)");
     }
 }

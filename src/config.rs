@@ -137,7 +137,9 @@ pub struct ServeArgs {
     /// [file: metrics.listen; default: off].
     #[arg(long, env = "ROOMSCHED_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
-    /// Log lines as `pretty` text or `json` objects [file: log_format; default pretty].
+    /// Log lines as `pretty` text or `json` objects [file: log_format; default pretty]. Which
+    /// lines: the `ROOMSCHED_LOG` variable, e.g. `warn` or `info,roomsched::rooms=warn`
+    /// [default info].
     #[arg(long, env = "ROOMSCHED_LOG_FORMAT", value_enum)]
     pub log_format: Option<LogFormat>,
 }
