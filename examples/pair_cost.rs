@@ -8,37 +8,18 @@
 //!
 //! Run: `cargo run --release --example pair_cost -- [PROCESSES] [PAIRS]`
 
-use roomsched::backend::{Backend, BackendError, ProcessEvents, StartSpec};
-use roomsched::{CreateRoom, DeploymentSpec, ExposedPort, ProcessId, Scheduler, TransportType};
-use std::time::{Duration, Instant};
+#[path = "../benches/common/mod.rs"]
+mod common;
+
+use common::InstantBackend;
+use roomsched::{CreateRoom, DeploymentSpec, Scheduler};
+use std::time::Instant;
 
 /// The allocator the `roomsched` binary uses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const APP: &str = "bench";
-
-/// Processes bind the moment they start: keeps the backend out of the count.
-struct InstantBackend;
-
-impl Backend for InstantBackend {
-    fn name(&self) -> &'static str {
-        "instant"
-    }
-
-    fn start(&self, spec: StartSpec) -> Result<(), BackendError> {
-        let port = ExposedPort {
-            host: "127.0.0.1".into(),
-            name: "default".into(),
-            port: 7777,
-            transport_type: TransportType::Tcp,
-        };
-        ProcessEvents::bound(&spec.events, spec.process_id, port, vec![]);
-        Ok(())
-    }
-
-    fn stop(&self, _process_id: ProcessId, _grace: Duration) {}
-}
 
 fn room() -> CreateRoom {
     CreateRoom {
