@@ -5,65 +5,25 @@
 //! - `contended/R`: the same pairs from 4 tasks on a 2-thread runtime spread over R regions
 //!   (R = 1: every task contends for one shard lock).
 //! - `index_vs_scan/N`: the ablation — picking the process with the most free slots and
-//!   updating its rank, with the ordered index the scheduler uses (a BTreeSet keyed by rank)
-//!   versus a plain linear scan over N processes.
+//!   updating its rank: `grouped`, the index the scheduler uses (an ordered set per rank, in
+//!   a map keyed by rank); `flat`, one ordered set keyed by (rank, time, id), the scheduler's
+//!   index before 2026-12-04; and `scan`, a plain linear scan over N processes.
 //!
 //! Run: `cargo bench --bench placement`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 mod common;
+#[path = "common/pairs.rs"]
+mod pairs;
 
 use common::InstantBackend;
-use roomsched::{CreateRoom, DeploymentSpec, ProcessFilter, ProcessStatus, Scheduler};
+use pairs::{populated, room, APP};
+use roomsched::{CreateRoom, DeploymentSpec, Scheduler};
 use std::time::{Duration, Instant};
 
 /// The allocator the `roomsched` binary uses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const APP: &str = "bench";
-
-/// A scheduler with `n` RUNNING processes of 4 slots each, every one holding 2 rooms.
-fn populated(rt: &tokio::runtime::Runtime, n: usize) -> Scheduler {
-    rt.block_on(async {
-        let s = Scheduler::builder()
-            .regions(["Frankfurt"])
-            .backend(InstantBackend)
-            .max_processes(n as u32)
-            .build()
-            .expect("scheduler");
-        let spec = DeploymentSpec {
-            rooms_per_process: 4,
-            container_port: 7777,
-            ..Default::default()
-        };
-        s.create_deployment(APP, spec).await.expect("deployment");
-        for _ in 0..n {
-            s.create_process(APP, "Frankfurt", None)
-                .await
-                .expect("process");
-        }
-        let running = ProcessFilter {
-            app_id: APP.into(),
-            statuses: vec![ProcessStatus::Running],
-            regions: vec![],
-        };
-        s.settle().await;
-        assert_eq!(s.count_processes(&running).await.expect("count"), n as u64);
-        for _ in 0..2 * n {
-            s.create_room(room()).await.expect("room");
-        }
-        s
-    })
-}
-
-fn room() -> CreateRoom {
-    CreateRoom {
-        app_id: APP.into(),
-        region: "Frankfurt".into(),
-        ..Default::default()
-    }
-}
 
 fn create_destroy(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -74,7 +34,7 @@ fn create_destroy(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.measurement_time(Duration::from_secs(5));
     for n in [1_000, 10_000, 100_000] {
-        let s = populated(&rt, n);
+        let s = rt.block_on(populated(n));
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -154,9 +114,9 @@ fn contended(c: &mut Criterion) {
 }
 
 /// The ablation: one placement step (take the best process, give it one room fewer free
-/// slots, put it back) on an ordered index versus a linear scan.
+/// slots, put it back) on the two shapes of ordered index versus a linear scan.
 fn index_vs_scan(c: &mut Criterion) {
-    use std::collections::BTreeSet;
+    use std::collections::{BTreeMap, BTreeSet};
     let mut group = c.benchmark_group("index_vs_scan");
     for n in [1_000u32, 10_000, 100_000] {
         // (free slots, started_at, id) for n processes with 1..=100 free slots.
@@ -167,7 +127,30 @@ fn index_vs_scan(c: &mut Criterion) {
             .iter()
             .map(|&(free, t, id)| (u32::MAX - free, t, id))
             .collect();
-        group.bench_with_input(BenchmarkId::new("index", n), &n, |b, _| {
+        let mut grouped: BTreeMap<u32, BTreeSet<(u64, u64)>> = BTreeMap::new();
+        for &(rank, t, id) in &index {
+            grouped.entry(rank).or_default().insert((t, id));
+        }
+        group.bench_with_input(BenchmarkId::new("grouped", n), &n, |b, _| {
+            b.iter(|| {
+                // The first of the best rank; taking a slot moves it to the next rank's set,
+                // freeing it moves it back (an emptied set leaves the map, as in the scheduler).
+                let mut best = grouped.first_entry().expect("a rank");
+                let rank = *best.key();
+                let order = best.get_mut().pop_first().expect("a process");
+                if best.get().is_empty() {
+                    best.remove();
+                }
+                grouped.entry(rank + 1).or_default().insert(order);
+                let next = grouped.get_mut(&(rank + 1)).expect("just inserted");
+                next.remove(&order);
+                if next.is_empty() {
+                    grouped.remove(&(rank + 1));
+                }
+                grouped.entry(rank).or_default().insert(order);
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("flat", n), &n, |b, _| {
             b.iter(|| {
                 let best = index.pop_first().expect("a process");
                 // Take a slot, then free it again so the state stays the same.

@@ -10,24 +10,16 @@
 
 #[path = "../benches/common/mod.rs"]
 mod common;
+#[path = "../benches/common/pairs.rs"]
+mod pairs;
 
-use common::InstantBackend;
-use roomsched::{CreateRoom, DeploymentSpec, Scheduler};
+use pairs::{populated, room, APP};
+use roomsched::Scheduler;
 use std::time::Instant;
 
 /// The allocator the `roomsched` binary uses.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-const APP: &str = "bench";
-
-fn room() -> CreateRoom {
-    CreateRoom {
-        app_id: APP.into(),
-        region: "Frankfurt".into(),
-        ..Default::default()
-    }
-}
 
 async fn pairs(s: &Scheduler, n: u64) {
     for _ in 0..n {
@@ -38,7 +30,7 @@ async fn pairs(s: &Scheduler, n: u64) {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let processes: u32 = args
+    let processes: usize = args
         .next()
         .map_or(10_000, |a| a.parse().expect("PROCESSES"));
     let measured: u64 = args.next().map_or(1_000_000, |a| a.parse().expect("PAIRS"));
@@ -47,27 +39,7 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let s = Scheduler::builder()
-            .regions(["Frankfurt"])
-            .backend(InstantBackend)
-            .max_processes(processes)
-            .build()
-            .expect("scheduler");
-        let spec = DeploymentSpec {
-            rooms_per_process: 4,
-            container_port: 7777,
-            ..Default::default()
-        };
-        s.create_deployment(APP, spec).await.expect("deployment");
-        for _ in 0..processes {
-            s.create_process(APP, "Frankfurt", None)
-                .await
-                .expect("process");
-        }
-        s.settle().await;
-        for _ in 0..2 * processes {
-            s.create_room(room()).await.expect("room");
-        }
+        let s = populated(processes).await;
         pairs(&s, 110_000).await;
         let started = Instant::now();
         pairs(&s, measured).await;
