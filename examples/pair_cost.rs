@@ -2,9 +2,9 @@
 //! (exact counts, unlike times on a shared machine): `scripts/pair_instructions.sh` runs this
 //! twice, with 0 and with N pairs after the same set-up, and divides the difference by N.
 //!
-//! Set-up as in `benches/placement.rs`: one region, `PROCESSES` running processes of 4 slots
-//! each holding 2 rooms, and enough pairs first that the retention window of destroyed rooms
-//! (100,000) is full and forgetting, as in a long-running scheduler.
+//! The set-up of `benches/placement.rs` (`benches/common/pairs.rs`): one region, `PROCESSES`
+//! running processes of 4 slots each holding 2 rooms; then enough pairs that the retention
+//! window of destroyed rooms (100,000) is full and forgetting, as in a long-running scheduler.
 //!
 //! Run: `cargo run --release --example pair_cost -- [PROCESSES] [PAIRS]`
 

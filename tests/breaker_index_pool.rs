@@ -1,7 +1,7 @@
 //! Breaker: the warm pool reads the index's counters (available processes, free slots); after
 //! concurrent random operations with both strategies and new deployments, every region must
 //! hold its minimum and its buffer of free slots on the latest deployment (SPEC §6), and the
-//! placement must still follow SPEC §5.
+//! invariants of `support::check_invariants` must hold.
 
 mod support;
 
