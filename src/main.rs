@@ -62,7 +62,12 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(err.exit_code()).unwrap_or(2));
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // A worker that runs out of work tells the store's writer not to wait for more changes.
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(roomsched::store::durable::worker_parked)
+        .build()
+    {
         Ok(rt) => rt,
         Err(err) => {
             eprintln!("error: cannot start the async runtime: {err}");

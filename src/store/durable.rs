@@ -6,9 +6,11 @@
 //! the data directory; one table per kind of record, keyed by the record's id, so the file
 //! holds the live state (plus the retention window of destroyed rooms), not the history.
 //!
-//! **Group commit.** `append` only queues a change; one writer thread takes every change
-//! queued so far, writes them all in one redb transaction and commits it with one fsync, then
-//! answers each change's [`Commit`]. Under load many changes share a flush.
+//! **Group commit.** `append` encodes a change on the caller's thread and queues it; one
+//! writer thread takes every change queued so far, writes them all as one journal entry in one
+//! redb transaction and commits it with one fsync, then answers each change's [`Commit`].
+//! Under load many changes share a flush; while every worker of the runtime is busy making
+//! more, the writer lets a batch grow for up to 2 ms first (see [`worker_parked`]).
 //!
 //! **Failure.** When a commit fails (disk full, I/O error) every change of that batch, and
 //! every change queued after it, is refused until [`Store::reopen`]: the scheduler then rolls
@@ -23,9 +25,9 @@ use crate::core::types::{Deployment, RegionPolicy};
 use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 /// The store's file inside the data directory.
 pub const FILE_NAME: &str = "roomsched.redb";
@@ -58,6 +60,80 @@ const COMPACT_CHECK_EVERY: u64 = 4096;
 const COMPACT_RATIO: u64 = 4;
 const COMPACT_MIN_BYTES: u64 = 64 << 20;
 
+/// How long a batch may wait for more changes while every worker of the runtime that makes
+/// them is busy (see [`Producers`]), and the batch sizes between which it waits: a smaller
+/// batch means few calls in flight, which waiting would only slow down.
+const LINGER_MAX: Duration = Duration::from_millis(2);
+const LINGER_MIN_CHANGES: usize = 32;
+const LINGER_MAX_CHANGES: usize = 1024;
+/// How often a waiting writer looks at the workers again when nothing told it that one of
+/// them ran out of work (the runtime was built without [`worker_parked`]).
+const LINGER_POLL: Duration = Duration::from_micros(100);
+
+/// The tokio runtime whose tasks append changes, when the store was opened inside a
+/// multi-threaded one. While all its workers are busy, more changes are on their way and the
+/// writer lets the batch grow (for at most `LINGER_MAX`): under load, one commit and one fsync
+/// then carry several times more changes. Once one worker runs out of work, waiting would
+/// only add latency, and the batch is committed: with few calls in flight nothing waits.
+struct Producers(Option<tokio::runtime::RuntimeMetrics>);
+
+impl Producers {
+    fn current() -> Producers {
+        Producers(
+            tokio::runtime::Handle::try_current()
+                .ok()
+                .filter(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
+                .map(|h| h.metrics()),
+        )
+    }
+
+    fn all_busy(&self) -> bool {
+        self.0.as_ref().is_some_and(|m| {
+            // An odd count means the worker is parked: it has nothing to do.
+            (0..m.num_workers()).all(|w| m.worker_park_unpark_count(w) % 2 == 0)
+        })
+    }
+}
+
+/// Tells writers waiting for more changes that a worker of the runtime ran out of work, so
+/// they commit at once instead of at their next look. Pass it to the runtime's
+/// [`on_thread_park`](tokio::runtime::Builder::on_thread_park), as `roomsched serve` does;
+/// without it a waiting writer looks every `LINGER_POLL`.
+pub fn worker_parked() {
+    PARKS.count.fetch_add(1, Ordering::SeqCst);
+    if PARKS.waiting.load(Ordering::SeqCst) > 0 {
+        let _guard = PARKS.lock.lock().unwrap_or_else(|e| e.into_inner());
+        PARKS.wake.notify_all();
+    }
+}
+
+static PARKS: Parks = Parks {
+    count: AtomicU64::new(0),
+    waiting: AtomicUsize::new(0),
+    lock: Mutex::new(()),
+    wake: Condvar::new(),
+};
+
+/// Worker parks counted by [`worker_parked`], and the writers waiting for the next one.
+struct Parks {
+    count: AtomicU64,
+    waiting: AtomicUsize,
+    lock: Mutex<()>,
+    wake: Condvar,
+}
+
+impl Parks {
+    /// Waits at most `timeout` for a park after the count `seen`.
+    fn wait_after(&self, seen: u64, timeout: Duration) {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.count.load(Ordering::SeqCst) == seen {
+            let _ = self.wake.wait_timeout(guard, timeout);
+        }
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// Persists changes in a redb file with group commit.
 pub struct DurableStore {
     path: PathBuf,
@@ -82,7 +158,10 @@ impl std::fmt::Debug for DurableStore {
 type FlushHook = Arc<std::sync::OnceLock<Box<dyn Fn(std::time::Duration) + Send + Sync>>>;
 
 enum Command {
-    Append(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>),
+    Append(
+        Encoded,
+        tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+    ),
     Load(mpsc::SyncSender<Loaded>),
     Reopen(mpsc::Sender<Result<(), StoreError>>),
     /// Answers once everything queued before it is done.
@@ -125,6 +204,7 @@ impl DurableStore {
             commits: 0,
             next_batch: opened.next_batch,
             unfolded: opened.unfolded,
+            producers: Producers::current(),
         };
         std::thread::Builder::new()
             .name("roomsched-store".into())
@@ -172,10 +252,14 @@ impl Store for DurableStore {
         true
     }
 
+    /// Encodes `change` here, on the caller's thread: the writer gets one buffer, and the
+    /// records are freed by the thread that allocated them.
     fn append(&self, change: Change) -> Commit {
+        let encoded = Encoded::of(&change);
+        drop(change);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.pending.fetch_add(1, Ordering::SeqCst);
-        if let Err(e) = self.send(Command::Append(change, tx)) {
+        if let Err(e) = self.send(Command::Append(encoded, tx)) {
             self.pending.fetch_sub(1, Ordering::SeqCst);
             return Commit::Done(Err(e));
         }
@@ -330,23 +414,25 @@ fn open_snapshot(path: &Path) -> Result<Opened, StoreError> {
 struct Opened {
     db: Database,
     /// The journal's records, oldest first.
-    unfolded: Vec<Record>,
+    unfolded: Encoded,
     /// Above every key in the journal.
     next_batch: u64,
 }
 
 /// Reads the journal: the records not folded into the tables yet, oldest first, and the key
 /// for the next batch.
-fn read_journal(db: &Database, path: &Path) -> Result<(Vec<Record>, u64), StoreError> {
+fn read_journal(db: &Database, path: &Path) -> Result<(Encoded, u64), StoreError> {
     let fail = |e: &dyn std::fmt::Display| store_error(path, "cannot read the journal of", e);
     let read = db.begin_read().map_err(|e| fail(&e))?;
     let journal = read.open_table(JOURNAL).map_err(|e| fail(&e))?;
-    let mut records = Vec::new();
+    let mut records = Encoded::default();
     let mut next_batch = 0;
     for item in journal.iter().map_err(|e| fail(&e))? {
         let (key, value) = item.map_err(|e| fail(&e))?;
         next_batch = key.value() + 1;
-        records.extend(decode::<Vec<Record>>(value.value(), path)?);
+        decode::<Vec<Record>>(value.value(), path)?
+            .iter()
+            .for_each(|r| records.push(r));
     }
     Ok((records, next_batch))
 }
@@ -398,23 +484,53 @@ struct Writer {
     /// What the journal holds (records not folded into the tables yet), oldest first: the
     /// checkpoint folds them from here and loading merges them over the tables, rather than
     /// reading the journal back.
-    unfolded: Vec<Record>,
+    unfolded: Encoded,
+    producers: Producers,
 }
 
 impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Command>) {
-        let mut batch: Vec<(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>)> =
-            Vec::new();
+        let mut batch: Vec<(
+            Encoded,
+            tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+        )> = Vec::new();
         while let Ok(first) = rx.recv() {
+            let since = Instant::now();
+            let mut parks_before = None;
             let mut next = Some(first);
-            while let Some(command) = next.take() {
-                match command {
-                    Command::Append(change, done) => batch.push((change, done)),
-                    other => {
-                        self.flush(&mut batch);
-                        self.handle(other);
+            loop {
+                while let Some(command) = next.take() {
+                    match command {
+                        Command::Append(change, done) => batch.push((change, done)),
+                        other => {
+                            self.flush(&mut batch);
+                            self.handle(other);
+                        }
                     }
+                    next = rx.try_recv().ok();
                 }
+                // Linger while every worker is busy and none has run out of work since.
+                let parks = *parks_before.get_or_insert_with(|| PARKS.count.load(Ordering::SeqCst));
+                let waited = since.elapsed();
+                if batch.len() < LINGER_MIN_CHANGES
+                    || batch.len() >= LINGER_MAX_CHANGES
+                    || waited >= LINGER_MAX
+                    || !self.producers.all_busy()
+                    || PARKS.count.load(Ordering::SeqCst) != parks
+                {
+                    break;
+                }
+                // Parks are reported (the count moved before): the report wakes the writer.
+                let told = parks > 0;
+                let timeout = LINGER_MAX - waited;
+                PARKS.wait_after(
+                    parks,
+                    if told {
+                        timeout
+                    } else {
+                        LINGER_POLL.min(timeout)
+                    },
+                );
                 next = rx.try_recv().ok();
             }
             self.flush(&mut batch);
@@ -475,7 +591,10 @@ impl Writer {
     /// Writes and commits a batch, then answers every change in it.
     fn flush(
         &mut self,
-        batch: &mut Vec<(Change, tokio::sync::oneshot::Sender<Result<(), StoreError>>)>,
+        batch: &mut Vec<(
+            Encoded,
+            tokio::sync::oneshot::Sender<Result<(), StoreError>>,
+        )>,
     ) {
         if batch.is_empty() {
             return;
@@ -514,7 +633,7 @@ impl Writer {
         for (change, done) in batch.drain(..) {
             let _ = done.send(result.clone());
             if result.is_ok() {
-                self.unfolded.extend(change);
+                self.unfolded.append(&change);
             }
         }
         self.pending.fetch_sub(answered, Ordering::SeqCst);
@@ -540,13 +659,15 @@ impl Writer {
             return;
         }
         let started = Instant::now();
-        let records = std::mem::take(&mut self.unfolded);
         let folded = guarded(&self.path, || {
-            fold(db, &records).map_err(|e| store_error(&self.path, "cannot checkpoint", e))
+            fold(db, &self.unfolded).map_err(|e| store_error(&self.path, "cannot checkpoint", e))
         });
+        let records = self.unfolded.len();
+        // Keeps the allocation: the next checkpoint's records fill it again.
+        self.unfolded.clear();
         match folded {
             Ok(()) => tracing::debug!(
-                records = records.len(),
+                records,
                 took_ms = started.elapsed().as_millis() as u64,
                 "store checkpoint"
             ),
@@ -606,9 +727,10 @@ impl Writer {
         };
         let err = |e: &dyn std::fmt::Display| store_error(&self.path, "cannot read", e);
         let read = db.begin_read().map_err(|e| err(&e))?;
-        let mut journal = latest_per_key(self.unfolded.iter());
-        journal.sort_by(|a, b| Key::of(a).cmp(&Key::of(b)));
+        let mut journal = latest_per_key(&self.unfolded).map_err(|e| err(&e))?;
+        journal.sort_by(|a, b| a.key.cmp(&b.key));
         let mut merged = Merged {
+            path: &self.path,
             journal: journal.into_iter().peekable(),
             chunk: Vec::with_capacity(LOAD_CHUNK),
             out,
@@ -650,26 +772,27 @@ impl Writer {
 /// Streams records to the loader in chunks: the tables' records (in key order, table after
 /// table) with the journal's latest versions (also in key order) merged over them.
 struct Merged<'a> {
-    journal: std::iter::Peekable<std::vec::IntoIter<&'a Record>>,
+    path: &'a Path,
+    journal: std::iter::Peekable<std::vec::IntoIter<Parsed<'a>>>,
     chunk: Vec<Record>,
     out: &'a mpsc::SyncSender<Loaded>,
 }
 
 impl Merged<'_> {
     fn table_record(&mut self, record: Record) -> Result<(), StoreError> {
-        while let Some(newer) = self.journal.next_if(|j| Key::of(j) < Key::of(&record)) {
+        while let Some(newer) = self.journal.next_if(|j| j.key < Key::of(&record)) {
             self.journal_record(newer)?;
         }
-        match self.journal.next_if(|j| Key::of(j) == Key::of(&record)) {
+        match self.journal.next_if(|j| j.key == Key::of(&record)) {
             Some(newer) => self.journal_record(newer),
             None => self.emit(record),
         }
     }
 
-    fn journal_record(&mut self, record: &Record) -> Result<(), StoreError> {
-        match record {
-            Record::RoomForgotten { .. } => Ok(()),
-            record => self.emit(record.clone()),
+    fn journal_record(&mut self, record: Parsed<'_>) -> Result<(), StoreError> {
+        match record.stored {
+            Stored::Removed => Ok(()),
+            _ => self.emit(decode(record.bytes, self.path)?),
         }
     }
 
@@ -704,36 +827,188 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8], path: &Path) -> Result<T
     postcard::from_bytes(bytes).map_err(|e| store_error(path, "a record cannot be decoded in", e))
 }
 
-/// The last version of each key among `records` (in order), so a batch or a checkpoint
-/// writes every key once (a busy process is re-recorded by every room placed on it).
-fn latest_per_key<'a>(records: impl Iterator<Item = &'a Record>) -> Vec<&'a Record> {
-    let records: Vec<&Record> = records.collect();
-    let mut last: HashMap<Key<'_>, usize, foldhash::fast::RandomState> = HashMap::default();
-    for (i, record) in records.iter().enumerate() {
-        last.insert(Key::of(record), i);
-    }
-    records
-        .iter()
-        .enumerate()
-        .filter(|(i, r)| last.get(&Key::of(r)) == Some(i))
-        .map(|(_, r)| *r)
-        .collect()
+/// Records encoded back to back, each as a postcard [`Record`], with where each one ends: a
+/// change as the writer receives it, and the journal's unfolded records.
+#[derive(Default)]
+struct Encoded {
+    bytes: Vec<u8>,
+    ends: Vec<usize>,
 }
 
-/// Appends a batch of changes to the journal as one entry and commits it (one fsync).
+impl Encoded {
+    fn of(change: &[Record]) -> Encoded {
+        let mut encoded = Encoded {
+            bytes: Vec::with_capacity(256 * change.len()),
+            ends: Vec::with_capacity(change.len()),
+        };
+        change.iter().for_each(|r| encoded.push(r));
+        encoded
+    }
+
+    fn push(&mut self, record: &Record) {
+        // Serializing our own plain data types into a Vec cannot fail.
+        postcard::to_io(record, &mut self.bytes).expect("records serialize");
+        self.ends.push(self.bytes.len());
+    }
+
+    fn append(&mut self, other: &Encoded) {
+        let base = self.bytes.len();
+        self.bytes.extend_from_slice(&other.bytes);
+        self.ends.extend(other.ends.iter().map(|end| base + end));
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.bytes.clear();
+        self.ends.clear();
+    }
+
+    fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts
+            .zip(&self.ends)
+            .map(|(start, &end)| &self.bytes[start..end])
+    }
+}
+
+/// An encoded record's key and what its table stores, read without decoding the rest.
+struct Parsed<'a> {
+    key: Key<'a>,
+    stored: Stored<'a>,
+    /// The whole record.
+    bytes: &'a [u8],
+}
+
+enum Stored<'a> {
+    /// The encoded value of the record's table.
+    Value(&'a [u8]),
+    Count(u64),
+    /// The key's removal.
+    Removed,
+}
+
+/// The leading fields of each [`Record`] variant, in the same order: enough to know a
+/// record's key without decoding (or allocating) the rest. postcard writes an enum as its
+/// variant's index followed by its fields, so the fields left unread are the table's value.
+#[derive(serde::Deserialize)]
+enum View<'a> {
+    Deployment(#[serde(borrow)] DeploymentKey<'a>),
+    Process(ProcessKey),
+    Room(RoomKey),
+    RegionPolicy {
+        app_id: &'a str,
+        region: &'a str,
+    },
+    RoomForgotten {
+        _app_id: &'a str,
+        _room_id: &'a str,
+        seq: u64,
+    },
+    RoomsCreated {
+        app_id: &'a str,
+        region: &'a str,
+        second: i64,
+        count: u64,
+    },
+}
+
+#[derive(serde::Deserialize)]
+struct DeploymentKey<'a> {
+    app_id: &'a str,
+    deployment_id: u32,
+}
+
+#[derive(serde::Deserialize)]
+struct ProcessKey {
+    process: ProcessIdKey,
+}
+
+#[derive(serde::Deserialize)]
+struct ProcessIdKey {
+    process_id: uuid::Uuid,
+}
+
+#[derive(serde::Deserialize)]
+struct RoomKey {
+    seq: u64,
+}
+
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, postcard::Error> {
+    let (view, rest) = postcard::take_from_bytes::<View<'_>>(bytes)?;
+    // A newtype variant's value is the record without its variant index (one byte: there
+    // are fewer than 128 variants).
+    let inner = &bytes[1..];
+    let (key, stored) = match view {
+        View::Deployment(d) => (
+            Key::Deployment(d.app_id, d.deployment_id),
+            Stored::Value(inner),
+        ),
+        View::Process(p) => (
+            Key::Process(p.process.process_id.as_u128()),
+            Stored::Value(inner),
+        ),
+        View::Room(r) => (Key::Room(r.seq), Stored::Value(inner)),
+        View::RegionPolicy { app_id, region } => (Key::Policy(app_id, region), Stored::Value(rest)),
+        View::RoomForgotten { seq, .. } => (Key::Room(seq), Stored::Removed),
+        View::RoomsCreated {
+            app_id,
+            region,
+            second,
+            count,
+        } => (
+            Key::RoomsCreated(app_id, region, second),
+            Stored::Count(count),
+        ),
+    };
+    Ok(Parsed { key, stored, bytes })
+}
+
+/// The last version of each key among `records` (in order), so a checkpoint writes every key
+/// once (a busy region re-records its usage counter with every room created).
+fn latest_per_key(records: &Encoded) -> Result<Vec<Parsed<'_>>, postcard::Error> {
+    let parsed = records
+        .records()
+        .map(parse)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut last: HashMap<&Key<'_>, usize, foldhash::fast::RandomState> = HashMap::default();
+    for (i, record) in parsed.iter().enumerate() {
+        last.insert(&record.key, i);
+    }
+    let keep: Vec<bool> = (0..parsed.len())
+        .map(|i| last.get(&parsed[i].key) == Some(&i))
+        .collect();
+    Ok(parsed
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(record, keep)| keep.then_some(record))
+        .collect())
+}
+
+/// Appends a batch of changes to the journal as one entry (a postcard `Vec<Record>`) and
+/// commits it (one fsync).
 fn journal_batch<'a>(
     db: &Database,
     seq: u64,
-    changes: impl Iterator<Item = &'a Change>,
+    changes: impl Iterator<Item = &'a Encoded> + Clone,
 ) -> Result<(), redb::Error> {
-    let records = latest_per_key(changes.flatten());
-    if records.is_empty() {
+    let count: usize = changes.clone().map(Encoded::len).sum();
+    if count == 0 {
         return Ok(()); // only barriers: the batches before this one are committed already
     }
-    let mut buf = Vec::with_capacity(256 * records.len());
+    let size: usize = changes.clone().map(|c| c.bytes.len()).sum();
+    let mut entry = Vec::with_capacity(size + 10);
+    // A sequence's length, then its elements.
+    postcard::to_io(&count, &mut entry).expect("a length serializes");
+    changes.for_each(|c| entry.extend_from_slice(&c.bytes));
     let txn = db.begin_write()?;
-    txn.open_table(JOURNAL)?
-        .insert(seq, encode(&records, &mut buf))?;
+    txn.open_table(JOURNAL)?.insert(seq, entry.as_slice())?;
     txn.commit()?;
     Ok(())
 }
@@ -741,9 +1016,10 @@ fn journal_batch<'a>(
 /// Folds `records` (everything journaled, oldest first) into the tables and empties the
 /// journal, in one transaction: the last version of each key, applied in key order (so each
 /// B-tree page is rewritten once).
-fn fold(db: &Database, records: &[Record]) -> Result<(), redb::Error> {
-    let mut latest = latest_per_key(records.iter());
-    latest.sort_by(|a, b| Key::of(a).cmp(&Key::of(b)));
+fn fold(db: &Database, records: &Encoded) -> Result<(), redb::Error> {
+    let mut latest = latest_per_key(records)
+        .map_err(|e| redb::Error::Corrupted(format!("a journaled record: {e}")))?;
+    latest.sort_by(|a, b| a.key.cmp(&b.key));
     let txn = db.begin_write()?;
     apply(&txn, &latest)?;
     txn.delete_table(JOURNAL)?;
@@ -753,43 +1029,33 @@ fn fold(db: &Database, records: &[Record]) -> Result<(), redb::Error> {
 }
 
 /// Writes records into their tables.
-fn apply(txn: &redb::WriteTransaction, records: &[&Record]) -> Result<(), redb::Error> {
+fn apply(txn: &redb::WriteTransaction, records: &[Parsed<'_>]) -> Result<(), redb::Error> {
     let mut deployments = txn.open_table(DEPLOYMENTS)?;
     let mut policies = txn.open_table(POLICIES)?;
     let mut processes = txn.open_table(PROCESSES)?;
     let mut rooms = txn.open_table(ROOMS)?;
     let mut rooms_created = txn.open_table(ROOMS_CREATED)?;
-    let mut buf = Vec::with_capacity(512);
     for record in records {
-        buf.clear();
-        match record {
-            Record::Deployment(d) => {
-                deployments.insert((d.app_id.as_str(), d.deployment_id), encode(d, &mut buf))?;
+        match (&record.key, &record.stored) {
+            (Key::Deployment(app_id, id), Stored::Value(v)) => {
+                deployments.insert((*app_id, *id), *v)?;
             }
-            Record::RegionPolicy {
-                app_id,
-                region,
-                policy,
-            } => {
-                policies.insert((app_id.as_str(), region.as_str()), encode(policy, &mut buf))?;
+            (Key::Policy(app_id, region), Stored::Value(v)) => {
+                policies.insert((*app_id, *region), *v)?;
             }
-            Record::Process(p) => {
-                processes.insert(p.process.process_id.as_u128(), encode(p, &mut buf))?;
+            (Key::Process(id), Stored::Value(v)) => {
+                processes.insert(*id, *v)?;
             }
-            Record::Room(r) => {
-                rooms.insert(r.seq, encode(r, &mut buf))?;
+            (Key::Room(seq), Stored::Value(v)) => {
+                rooms.insert(*seq, *v)?;
             }
-            Record::RoomForgotten { seq, .. } => {
+            (Key::Room(seq), Stored::Removed) => {
                 rooms.remove(*seq)?;
             }
-            Record::RoomsCreated {
-                app_id,
-                region,
-                second,
-                count,
-            } => {
-                rooms_created.insert((app_id.as_str(), region.as_str(), *second), *count)?;
+            (Key::RoomsCreated(app_id, region, second), Stored::Count(count)) => {
+                rooms_created.insert((*app_id, *region, *second), *count)?;
             }
+            _ => unreachable!("parse pairs each key with its kind of value"),
         }
     }
     Ok(())
@@ -825,12 +1091,6 @@ impl<'a> Key<'a> {
     }
 }
 
-fn encode<'b, T: serde::Serialize>(value: &T, buf: &'b mut Vec<u8>) -> &'b [u8] {
-    // Serializing our own plain data types into a Vec cannot fail.
-    postcard::to_io(value, &mut *buf).expect("records serialize");
-    buf
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -858,6 +1118,115 @@ mod tests {
             app_id: "app".into(),
             room_id: format!("room-{seq}"),
             seq,
+        }
+    }
+
+    /// `View` follows `Record`: every variant, encoded as the writer receives it, parses to
+    /// the key `Key::of` gives it and to exactly what its table stores.
+    #[test]
+    fn parsing_an_encoded_record_finds_its_key_and_table_value() {
+        use crate::core::types::{PlacementStrategy, ProcessStatus, TransportType};
+        let at = chrono::DateTime::from_timestamp(1_700_000_000, 0).expect("a time");
+        let deployment = Deployment {
+            app_id: "app".into(),
+            deployment_id: 7,
+            rooms_per_process: 4,
+            transport_type: TransportType::default(),
+            container_port: 7777,
+            additional_container_ports: Vec::new(),
+            idle_timeout_enabled: true,
+            env: Vec::new(),
+            command: vec!["server".into()],
+            placement_strategy: PlacementStrategy::default(),
+            created_at: at,
+        };
+        let process = ProcessRecord {
+            process: crate::core::types::Process {
+                process_id: uuid::Uuid::from_u128(0xfeed),
+                app_id: "app".into(),
+                deployment_id: 7,
+                region: "Frankfurt".into(),
+                status: ProcessStatus::Running,
+                rooms_per_process: 4,
+                rooms_allocated: 1,
+                exposed_port: None,
+                additional_exposed_ports: Vec::new(),
+                created_at: at,
+                started_at: Some(at),
+                stopping_at: None,
+                terminated_at: None,
+                summary_exit_reason: String::new(),
+                log_path: None,
+            },
+            drain_requested: false,
+            stop_reason: None,
+            idle_since: Some(at),
+        };
+        let policy = RegionPolicy {
+            min_processes: 1,
+            buffer_rooms: 2,
+            max_processes: 3,
+        };
+        let Record::Room(room_record) = room(9, "cfg") else {
+            unreachable!()
+        };
+        fn bytes<T: serde::Serialize>(value: &T) -> Vec<u8> {
+            postcard::to_stdvec(value).expect("serializes")
+        }
+        let cases: Vec<(Record, Option<Vec<u8>>, Option<u64>)> = vec![
+            (
+                Record::Deployment(deployment.clone()),
+                Some(bytes(&deployment)),
+                None,
+            ),
+            (
+                Record::Process(process.clone()),
+                Some(bytes(&process)),
+                None,
+            ),
+            (
+                Record::Room(room_record.clone()),
+                Some(bytes(&room_record)),
+                None,
+            ),
+            (
+                Record::RegionPolicy {
+                    app_id: "app".into(),
+                    region: "Frankfurt".into(),
+                    policy,
+                },
+                Some(bytes(&policy)),
+                None,
+            ),
+            (forgotten(9), None, None),
+            (
+                Record::RoomsCreated {
+                    app_id: "app".into(),
+                    region: "Frankfurt".into(),
+                    second: -5,
+                    count: 300,
+                },
+                None,
+                Some(300),
+            ),
+        ];
+        for (record, value, count) in cases {
+            let encoded = Encoded::of(std::slice::from_ref(&record));
+            let bytes = encoded.records().next().expect("one record");
+            let parsed = parse(bytes).expect("parses");
+            assert!(parsed.key == Key::of(&record), "key of {record:?}");
+            match (parsed.stored, value, count) {
+                (Stored::Value(v), Some(expected), None) => {
+                    assert_eq!(v, expected.as_slice(), "value of {record:?}")
+                }
+                (Stored::Count(n), None, Some(expected)) => assert_eq!(n, expected),
+                (Stored::Removed, None, None) => {}
+                _ => panic!("wrong kind of value for {record:?}"),
+            }
+            assert_eq!(
+                decode::<Record>(bytes, Path::new("test")).expect("decodes"),
+                record
+            );
         }
     }
 
