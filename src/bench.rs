@@ -655,7 +655,7 @@ async fn measure(
         args.json,
     ));
     let embedded = args.embedded;
-    match args.rate {
+    let clients = match args.rate {
         None => {
             let workers: Vec<_> = (0..args.concurrency)
                 .map(|i| {
@@ -672,13 +672,15 @@ async fn measure(
                                 tokio::task::yield_now().await;
                             }
                         }
-                        c.tidy().await;
+                        c
                     })
                 })
                 .collect();
+            let mut clients = Vec::with_capacity(workers.len());
             for w in workers {
-                let _ = w.await;
+                clients.extend(w.await.ok());
             }
+            clients
         }
         Some(rate) => {
             if !(rate > 0.0 && rate.is_finite()) {
@@ -693,13 +695,21 @@ async fn measure(
                 &shared,
                 (0..args.concurrency).map(client).collect(),
             )
-            .await;
+            .await
         }
-    }
+    };
     progress.abort();
     // From the end of the warm-up to the last answer: an open loop that cannot keep up runs
-    // past its deadline, and its throughput is what was achieved, not what was offered.
+    // past its deadline, and its throughput is what was achieved, not what was offered. The
+    // tidying below (destroying the rooms of `create`) is not measured.
     let seconds = (Instant::now() - measure_from).as_secs_f64();
+    let tidying: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| tokio::spawn(async move { c.tidy().await }))
+        .collect();
+    for t in tidying {
+        let _ = t.await;
+    }
     if let Some(rate) = args.rate {
         let achieved = shared.requests.load(Ordering::Relaxed) as f64 / seconds;
         if achieved < rate * 0.95 {
@@ -754,7 +764,7 @@ async fn measure(
 /// Open loop: a pacing thread marks when each request is due (a std thread sleeps with
 /// microsecond precision; Tokio's timer has millisecond granularity, which would show up as
 /// latency), and a dispatcher sends each due request on a free client, at most
-/// `concurrency` in flight. Latency is measured from the due time.
+/// `concurrency` in flight. Latency is measured from the due time. Returns the clients, to tidy.
 async fn open_loop(
     rate: f64,
     concurrency: usize,
@@ -763,7 +773,7 @@ async fn open_loop(
     workload: Workload,
     shared: &Arc<Shared>,
     clients: Vec<Client>,
-) {
+) -> Vec<Client> {
     let (due_tx, mut due_rx) = tokio::sync::mpsc::unbounded_channel::<std::time::Instant>();
     let (start_std, deadline_std) = (start.into_std(), deadline.into_std());
     let pacer = std::thread::spawn(move || {
@@ -803,10 +813,8 @@ async fn open_loop(
         let _ = t.await;
     }
     let _ = pacer.join();
-    let leftovers: Vec<_> = std::mem::take(&mut *idle.lock().unwrap_or_else(|e| e.into_inner()));
-    for mut client in leftovers {
-        client.tidy().await;
-    }
+    let clients = std::mem::take(&mut *idle.lock().unwrap_or_else(|e| e.into_inner()));
+    clients
 }
 
 /// A live line on stderr: elapsed time, rate so far, p99 so far.

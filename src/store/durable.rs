@@ -23,7 +23,7 @@
 use super::{Change, Commit, ProcessRecord, Record, RoomRecord, Store, StoreError};
 use crate::core::types::{Deployment, RegionPolicy};
 use redb::{Database, ReadOnlyDatabase, ReadableDatabase, ReadableTable, TableDefinition};
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
@@ -204,6 +204,7 @@ impl DurableStore {
             commits: 0,
             next_batch: opened.next_batch,
             unfolded: opened.unfolded,
+            entry: Vec::new(),
             producers: Producers::current(),
         };
         std::thread::Builder::new()
@@ -485,6 +486,8 @@ struct Writer {
     /// checkpoint folds them from here and loading merges them over the tables, rather than
     /// reading the journal back.
     unfolded: Encoded,
+    /// The journal entry being built, kept between batches for its allocation.
+    entry: Vec<u8>,
     producers: Producers,
 }
 
@@ -605,8 +608,13 @@ impl Writer {
             (None, None) => Err(StoreError("the store is closed".into())),
             (None, Some(db)) => {
                 let written = guarded(&self.path, || {
-                    journal_batch(db, self.next_batch, batch.iter().map(|(c, _)| c))
-                        .map_err(|e| store_error(&self.path, "cannot write to", e))
+                    journal_batch(
+                        db,
+                        self.next_batch,
+                        batch.iter().map(|(c, _)| c),
+                        &mut self.entry,
+                    )
+                    .map_err(|e| store_error(&self.path, "cannot write to", e))
                 });
                 match written {
                     Ok(()) => {
@@ -622,6 +630,8 @@ impl Writer {
         };
         tracing::trace!(
             changes = batch.len(),
+            empty = batch.iter().filter(|(c, _)| c.is_empty()).count(),
+            records = batch.iter().map(|(c, _)| c.len()).sum::<usize>(),
             took_us = started.elapsed().as_micros() as u64,
             "store flush"
         );
@@ -727,11 +737,10 @@ impl Writer {
         };
         let err = |e: &dyn std::fmt::Display| store_error(&self.path, "cannot read", e);
         let read = db.begin_read().map_err(|e| err(&e))?;
-        let mut journal = latest_per_key(&self.unfolded).map_err(|e| err(&e))?;
-        journal.sort_by(|a, b| a.key.cmp(&b.key));
+        let journal = latest_per_key(&self.unfolded).map_err(|e| err(&e))?;
         let mut merged = Merged {
             path: &self.path,
-            journal: journal.into_iter().peekable(),
+            journal: journal.into_values().peekable(),
             chunk: Vec::with_capacity(LOAD_CHUNK),
             out,
         };
@@ -773,7 +782,7 @@ impl Writer {
 /// table) with the journal's latest versions (also in key order) merged over them.
 struct Merged<'a> {
     path: &'a Path,
-    journal: std::iter::Peekable<std::vec::IntoIter<Parsed<'a>>>,
+    journal: std::iter::Peekable<std::collections::btree_map::IntoValues<Key<'a>, Parsed<'a>>>,
     chunk: Vec<Record>,
     out: &'a mpsc::SyncSender<Loaded>,
 }
@@ -970,42 +979,34 @@ fn parse(bytes: &[u8]) -> Result<Parsed<'_>, postcard::Error> {
     Ok(Parsed { key, stored, bytes })
 }
 
-/// The last version of each key among `records` (in order), so a checkpoint writes every key
-/// once (a busy region re-records its usage counter with every room created).
-fn latest_per_key(records: &Encoded) -> Result<Vec<Parsed<'_>>, postcard::Error> {
-    let parsed = records
-        .records()
-        .map(parse)
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut last: HashMap<&Key<'_>, usize, foldhash::fast::RandomState> = HashMap::default();
-    for (i, record) in parsed.iter().enumerate() {
-        last.insert(&record.key, i);
+/// The last version of each key among `records` (in order), in key order, so a checkpoint
+/// writes every key once (a busy region re-records its usage counter with every room created)
+/// and each B-tree page once. A B-tree of small nodes, not one large buffer: a large
+/// allocation made afresh at every checkpoint costs page faults.
+fn latest_per_key(records: &Encoded) -> Result<BTreeMap<Key<'_>, Parsed<'_>>, postcard::Error> {
+    let mut latest = BTreeMap::new();
+    for bytes in records.records() {
+        let record = parse(bytes)?;
+        latest.insert(record.key, record);
     }
-    let keep: Vec<bool> = (0..parsed.len())
-        .map(|i| last.get(&parsed[i].key) == Some(&i))
-        .collect();
-    Ok(parsed
-        .into_iter()
-        .zip(keep)
-        .filter_map(|(record, keep)| keep.then_some(record))
-        .collect())
+    Ok(latest)
 }
 
-/// Appends a batch of changes to the journal as one entry (a postcard `Vec<Record>`) and
-/// commits it (one fsync).
+/// Appends a batch of changes to the journal as one entry (a postcard `Vec<Record>`, built in
+/// `entry`) and commits it (one fsync).
 fn journal_batch<'a>(
     db: &Database,
     seq: u64,
     changes: impl Iterator<Item = &'a Encoded> + Clone,
+    entry: &mut Vec<u8>,
 ) -> Result<(), redb::Error> {
     let count: usize = changes.clone().map(Encoded::len).sum();
     if count == 0 {
         return Ok(()); // only barriers: the batches before this one are committed already
     }
-    let size: usize = changes.clone().map(|c| c.bytes.len()).sum();
-    let mut entry = Vec::with_capacity(size + 10);
+    entry.clear();
     // A sequence's length, then its elements.
-    postcard::to_io(&count, &mut entry).expect("a length serializes");
+    postcard::to_io(&count, &mut *entry).expect("a length serializes");
     changes.for_each(|c| entry.extend_from_slice(&c.bytes));
     let txn = db.begin_write()?;
     txn.open_table(JOURNAL)?.insert(seq, entry.as_slice())?;
@@ -1017,11 +1018,10 @@ fn journal_batch<'a>(
 /// journal, in one transaction: the last version of each key, applied in key order (so each
 /// B-tree page is rewritten once).
 fn fold(db: &Database, records: &Encoded) -> Result<(), redb::Error> {
-    let mut latest = latest_per_key(records)
+    let latest = latest_per_key(records)
         .map_err(|e| redb::Error::Corrupted(format!("a journaled record: {e}")))?;
-    latest.sort_by(|a, b| a.key.cmp(&b.key));
     let txn = db.begin_write()?;
-    apply(&txn, &latest)?;
+    apply(&txn, latest.values())?;
     txn.delete_table(JOURNAL)?;
     txn.open_table(JOURNAL)?;
     txn.commit()?;
@@ -1029,7 +1029,10 @@ fn fold(db: &Database, records: &Encoded) -> Result<(), redb::Error> {
 }
 
 /// Writes records into their tables.
-fn apply(txn: &redb::WriteTransaction, records: &[Parsed<'_>]) -> Result<(), redb::Error> {
+fn apply<'a>(
+    txn: &redb::WriteTransaction,
+    records: impl Iterator<Item = &'a Parsed<'a>>,
+) -> Result<(), redb::Error> {
     let mut deployments = txn.open_table(DEPLOYMENTS)?;
     let mut policies = txn.open_table(POLICIES)?;
     let mut processes = txn.open_table(PROCESSES)?;
@@ -1063,7 +1066,7 @@ fn apply(txn: &redb::WriteTransaction, records: &[Parsed<'_>]) -> Result<(), red
 
 /// What a record is about: records with the same key overwrite each other. Ordered by table,
 /// then key.
-#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Key<'a> {
     Deployment(&'a str, u32),
     Policy(&'a str, &'a str),
