@@ -123,7 +123,11 @@ pub struct Report {
 
 impl Report {
     pub fn requests_per_second(&self) -> f64 {
-        self.requests as f64 / self.seconds
+        if self.seconds > 0.0 {
+            self.requests as f64 / self.seconds
+        } else {
+            0.0 // nothing was measured (`--duration 0s`)
+        }
     }
 
     fn ms(&self, q: f64) -> f64 {
@@ -699,10 +703,11 @@ async fn measure(
         }
     };
     progress.abort();
-    // From the end of the warm-up to the last answer: an open loop that cannot keep up runs
-    // past its deadline, and its throughput is what was achieved, not what was offered. The
-    // tidying below (destroying the rooms of `create`) is not measured.
-    let seconds = (Instant::now() - measure_from).as_secs_f64();
+    // From the end of the warm-up to the last answer, or to the deadline if the last answer
+    // came before it (a sparse open loop): an open loop that cannot keep up runs past its
+    // deadline, and its throughput is what was achieved, not what was offered. The tidying
+    // below (destroying the rooms of `create`) is not measured.
+    let seconds = (Instant::now().max(deadline) - measure_from).as_secs_f64();
     let tidying: Vec<_> = clients
         .into_iter()
         .map(|mut c| tokio::spawn(async move { c.tidy().await }))
@@ -854,5 +859,72 @@ async fn progress_line(
             eprintln!();
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ProcessFilter;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(flags: &[&str]) -> BenchArgs {
+        Cli::parse_from(["bench", "--embedded"].iter().chain(flags)).bench
+    }
+
+    /// An embedded target with the bench's deployment for `app`.
+    async fn target(app: &str, args: &BenchArgs) -> (Scheduler, Target) {
+        let scheduler = Scheduler::builder()
+            .regions(args.regions.clone())
+            .backend(crate::backend::Simulated::default())
+            .build()
+            .expect("scheduler");
+        let target = Target::Embedded(scheduler.clone());
+        setup(&target, app, args).await.expect("setup");
+        (scheduler, target)
+    }
+
+    async fn rooms_allocated(scheduler: &Scheduler, app: &str) -> u32 {
+        let filter = ProcessFilter {
+            app_id: app.into(),
+            ..Default::default()
+        };
+        let page = scheduler.list_processes(&filter, 0, None).await.unwrap();
+        page.processes.iter().map(|p| p.rooms_allocated).sum()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_measured_time_ends_at_the_last_answer_and_the_rooms_are_destroyed_after_it() {
+        let args = args(&["--workload", "create", "--concurrency", "8"]);
+        let (scheduler, target) = target("app", &args).await;
+        let duration = Duration::from_millis(300);
+        let report = measure(&target, "app", &args, Workload::Create, duration)
+            .await
+            .unwrap();
+        assert!(report.requests > 0, "{report:?}");
+        // Measured from the end of the warm-up: the run, not the tidying of every room made.
+        let (seconds, run) = (report.seconds, duration.as_secs_f64());
+        assert!(seconds >= run && seconds < run + 0.1, "{seconds}");
+        assert_eq!(rooms_allocated(&scheduler, "app").await, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sparse_open_loop_is_measured_over_its_whole_duration() {
+        // At 1 request/s nothing falls due after the first, in the warm-up.
+        let args = args(&["--workload", "create", "--rate", "1"]);
+        let (_scheduler, target) = target("app", &args).await;
+        let duration = Duration::from_millis(500);
+        let report = measure(&target, "app", &args, Workload::Create, duration)
+            .await
+            .unwrap();
+        assert_eq!(report.requests, 0);
+        assert!(report.seconds >= duration.as_secs_f64(), "{report:?}");
+        assert_eq!(report.requests_per_second(), 0.0);
     }
 }
