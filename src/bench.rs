@@ -899,14 +899,20 @@ mod tests {
         page.processes.iter().map(|p| p.rooms_allocated).sum()
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_measured_time_ends_at_the_last_answer_and_the_rooms_are_destroyed_after_it() {
-        let args = args(&["--workload", "create", "--concurrency", "8"]);
+    /// Measures `--workload create` with `flags` on an embedded target for `duration`.
+    async fn measure_create(flags: &[&str], duration: Duration) -> (Scheduler, Report) {
+        let args = args(&[&["--workload", "create"], flags].concat());
         let (scheduler, target) = target("app", &args).await;
-        let duration = Duration::from_millis(300);
         let report = measure(&target, "app", &args, Workload::Create, duration)
             .await
             .unwrap();
+        (scheduler, report)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_measured_time_ends_at_the_last_answer_and_the_rooms_are_destroyed_after_it() {
+        let duration = Duration::from_millis(300);
+        let (scheduler, report) = measure_create(&["--concurrency", "8"], duration).await;
         assert!(report.requests > 0, "{report:?}");
         // Measured from the end of the warm-up: the run, not the tidying of every room made.
         let (seconds, run) = (report.seconds, duration.as_secs_f64());
@@ -917,12 +923,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_sparse_open_loop_is_measured_over_its_whole_duration() {
         // At 1 request/s nothing falls due after the first, in the warm-up.
-        let args = args(&["--workload", "create", "--rate", "1"]);
-        let (_scheduler, target) = target("app", &args).await;
         let duration = Duration::from_millis(500);
-        let report = measure(&target, "app", &args, Workload::Create, duration)
-            .await
-            .unwrap();
+        let (_scheduler, report) = measure_create(&["--rate", "1"], duration).await;
         assert_eq!(report.requests, 0);
         assert!(report.seconds >= duration.as_secs_f64(), "{report:?}");
         assert_eq!(report.requests_per_second(), 0.0);
